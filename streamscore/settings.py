@@ -1,0 +1,142 @@
+"""The one settings model. The environment is read here and nowhere else.
+
+Every field can be set with an environment variable: ``STREAMSCORE_<FIELD>`` for top-level fields and
+``STREAMSCORE_<SECTION>__<FIELD>`` for nested ones, e.g. ``STREAMSCORE_KAFKA__BOOTSTRAP=10.0.0.5:9092``.
+Unknown keys are rejected so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Strict):
+    bootstrap: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of Kafka brokers."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the brokers; SASL_SSL for credentials over TLS."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """SASL mechanism used when security_protocol is SASL_*."""
+    sasl_username: str | None = None
+    """SASL user name."""
+    sasl_password: SecretStr | None = None
+    """SASL password; never logged."""
+    ssl_cafile: Path | None = None
+    """CA bundle used to verify the brokers' certificates when TLS is on."""
+
+
+class CassandraSettings(_Strict):
+    hosts: list[str] = ["127.0.0.1"]
+    """Contact points of the Cassandra cluster."""
+    port: int = 9042
+    """CQL native-protocol port."""
+    keyspace: str = "streamscore"
+    """Keyspace holding one table per feature view."""
+    replication_factor: int = 1
+    """Replication factor used when the keyspace is created (SimpleStrategy)."""
+    username: str | None = None
+    """User name for PasswordAuthenticator."""
+    password: SecretStr | None = None
+    """Password for PasswordAuthenticator; never logged."""
+    ssl_cafile: Path | None = None
+    """CA bundle; setting it turns TLS on."""
+    read_concurrency: int = 256
+    """Most concurrent reads in flight for one batch of keys."""
+    request_timeout_s: float = 2.0
+    """Per-request timeout of the driver."""
+
+
+class RedisSettings(_Strict):
+    host: str = "127.0.0.1"
+    """Redis host."""
+    port: int = 6379
+    """Redis port."""
+    db: int = 0
+    """Redis logical database."""
+    username: str | None = None
+    """ACL user name."""
+    password: SecretStr | None = None
+    """Password; never logged."""
+    ssl: bool = False
+    """Connect with TLS."""
+    cache_ttl_s: int = 300
+    """How long a cached feature row lives in Redis."""
+    socket_timeout_s: float = 0.5
+    """A slow Redis must not stall a batch: after this the cache is bypassed."""
+
+
+class StackSettings(_Strict):
+    dir: Path = PROJECT_ROOT / ".stack"
+    """Where the local stack keeps data, logs and pids."""
+    cache_dir: Path = PROJECT_ROOT / ".cache"
+    """Where resolved Maven jars are cached between runs."""
+    kafka_port: int = 9092
+    """Kafka broker port on 127.0.0.1."""
+    kafka_controller_port: int = 9093
+    """KRaft controller port on 127.0.0.1."""
+    cassandra_port: int = 9042
+    """Cassandra CQL port on 127.0.0.1."""
+    cassandra_storage_port: int = 7000
+    """Cassandra internode port on 127.0.0.1."""
+    redis_port: int = 6379
+    """Redis port on 127.0.0.1."""
+    kafka_heap_mb: int = 768
+    """Kafka JVM heap (at most 1 GiB on a 2-core, 24 GiB machine)."""
+    cassandra_heap_mb: int = 1536
+    """Cassandra JVM heap (at most 1.5 GiB)."""
+    start_timeout_s: float = 180.0
+    """How long `stack up` waits for each server to answer."""
+
+
+class WorkerSettings(_Strict):
+    batch_max: int = 512
+    """Most requests handled as one batch."""
+    batch_window_ms: int = 10
+    """Longest wait to fill a batch before it is processed anyway."""
+    partitions: int = 4
+    """Partitions created for request topics the worker creates."""
+    intra_op_threads: int = 1
+    """ONNX Runtime intra-op threads (one process per core)."""
+    worker_id: str | None = None
+    """Identity written into lineage; defaults to host:pid."""
+    web_port: int = 6066
+    """Port of the Faust web server (metrics, health)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMSCORE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    topic_prefix: str = "streamscore"
+    """Prefix of every topic: <prefix>.<model>.requests|predictions|dlq."""
+    models_dir: Path = PROJECT_ROOT / "demo-data" / "models"
+    """Model library: one folder per model, one sub-folder per version."""
+    views_file: Path = PROJECT_ROOT / "demo-data" / "views.json"
+    """Feature view declarations (JSON)."""
+    data_dir: Path = PROJECT_ROOT / "demo-data"
+    """Where the demo writes its generated data and model."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the CLI and the worker."""
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
