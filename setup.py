@@ -14,4 +14,8 @@ extensions = [
     ),
 ]
 
-setup(ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))
+setup(
+    ext_modules=cythonize(
+        extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}
+    )
+)

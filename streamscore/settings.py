@@ -106,6 +106,8 @@ class WorkerSettings(_Strict):
     """Longest wait to fill a batch before it is processed anyway."""
     partitions: int = 4
     """Partitions created for request topics the worker creates."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """ONNX Runtime device: auto uses CUDA when a GPU is present and onnxruntime has the CUDA provider."""
     intra_op_threads: int = 1
     """ONNX Runtime intra-op threads (one process per core)."""
     worker_id: str | None = None

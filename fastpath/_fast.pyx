@@ -1,0 +1,1430 @@
+# cython: language_level=3, boundscheck=True, wraparound=True, cdivision=True, initializedcheck=False
+"""Compiled fast path: the Cython twin of ``_pure``, with the same API and the same results.
+
+``decode_batch`` walks the msgpack bytes at C level instead of building Python dicts: one pass checks that the
+whole message is something ``msgpack.unpackb(raw=False, strict_map_key=False)`` would accept (mirroring its
+error classes, so the dead letter's detail is the twin's), a second pass reads only the request fields the
+spec names, writing features straight into the float32 output and creating only the str objects kept.
+``encode_predictions`` writes msgpack directly into one buffer, byte for byte what ``msgpack.packb`` writes.
+The pure-Python twin defines the semantics; the parity tests hold the two together.
+"""
+
+cimport cython
+cimport numpy as cnp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact, PyFloat_FromDouble
+from cpython.list cimport PyList_Append
+from cpython.long cimport PyLong_CheckExact
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
+from libc.math cimport isfinite
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
+
+import msgpack
+import numpy as np
+
+from streamscore.fastpath._pure import MAX_NESTING as _PURE_MAX_NESTING
+from streamscore.fastpath._types import (
+    BAD_ENTITIES,
+    BAD_ENTITY,
+    BAD_FEATURE,
+    BAD_FEATURES,
+    BAD_FIELD,
+    BAD_ID,
+    EMPTY_BATCH,
+    MISSING_ENTITY,
+    MISSING_FEATURE,
+    MISSING_ID,
+    NOT_A_MAP,
+    TOO_LARGE,
+    UNDECODABLE,
+    DecodedBatch,
+    DecodeError,
+)
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    int PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+    unsigned long long PyLong_AsUnsignedLongLong(object value) except? -1
+    Py_ssize_t PY_SSIZE_T_MAX
+
+# ------------------------------------------------------------------------------------------------------------
+# Message validation: does msgpack.unpackb accept these bytes?
+# ------------------------------------------------------------------------------------------------------------
+
+cdef enum:
+    _STACK_LIMIT = 1024  # msgpack's C unpacker: a container opened with 1024 already open is a StackError
+    _MAX_NESTING = 64  # _pure.MAX_NESTING (checked at import below)
+    _MAX_TOPIC_LEN = 249
+
+if _MAX_NESTING != _PURE_MAX_NESTING:  # pragma: no cover - a build against a changed twin
+    raise ImportError("streamscore.fastpath._fast was built with a nesting limit different from the twin's")
+
+# Validation outcomes, in the order msgpack meets them while reading the bytes front to back.
+cdef enum:
+    _VALID = 0
+    _E_INCOMPLETE = 1  # ValueError: truncated
+    _E_LIMIT = 2  # ValueError: array longer than the message, map longer than half of it
+    _E_EXT = 3  # ValueError: bad timestamp payload, or an ext code < 0 that is not the timestamp's -1
+    _E_FORMAT = 4  # FormatError: the reserved byte 0xc1
+    _E_STACK = 5  # StackError: 1025 levels
+    _E_UTF8 = 6  # UnicodeDecodeError
+    _E_UNHASHABLE = 7  # TypeError: a map or array used as a map key
+    _E_EXTRA = 8  # ExtraData: bytes after the first object
+    _E_TOO_DEEP = 9  # our rule, checked after msgpack's: nested deeper than MAX_NESTING
+
+_UNDECODABLE_DETAIL = {
+    _E_INCOMPLETE: "not a valid msgpack message: ValueError",
+    _E_LIMIT: "not a valid msgpack message: ValueError",
+    _E_EXT: "not a valid msgpack message: ValueError",
+    _E_FORMAT: "not a valid msgpack message: FormatError",
+    _E_STACK: "not a valid msgpack message: StackError",
+    _E_UTF8: "not a valid msgpack message: UnicodeDecodeError",
+    _E_UNHASHABLE: "not a valid msgpack message: TypeError",
+    _E_EXTRA: "not a valid msgpack message: ExtraData",
+    _E_TOO_DEEP: f"not a valid msgpack message: nested deeper than {_MAX_NESTING} maps/arrays",
+}
+
+ctypedef struct _Frame:
+    Py_ssize_t remaining  # items (array) or entries (map) still to read
+    bint is_map
+    bint at_value  # map: the key of the current entry was read
+    bint bad_key  # map: the current entry's key is a map/array, which a dict cannot hold
+
+
+cdef inline uint32_t _be16(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _be64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+
+cdef inline Py_ssize_t _load(const unsigned char* p, int width) noexcept nogil:
+    """A big-endian length of 1, 2 or 4 bytes."""
+    if width == 1:
+        return p[0]
+    if width == 2:
+        return _be16(p)
+    return _be32(p)
+
+
+cdef bint _valid_utf8(const unsigned char* text, Py_ssize_t size) noexcept nogil:
+    """What CPython's strict UTF-8 decoder accepts: no overlong forms, no surrogates, nothing past U+10FFFF."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t word
+    cdef unsigned char lead, second
+    while i < size:
+        while i + 8 <= size:  # ASCII runs eight bytes at a time
+            memcpy(&word, text + i, 8)
+            if word & 0x8080808080808080ULL:
+                break
+            i += 8
+        if i >= size:
+            break
+        lead = text[i]
+        if lead < 0x80:
+            i += 1
+        elif lead < 0xc2:
+            return False
+        elif lead < 0xe0:
+            if i + 1 >= size or (text[i + 1] & 0xc0) != 0x80:
+                return False
+            i += 2
+        elif lead < 0xf0:
+            if i + 2 >= size:
+                return False
+            second = text[i + 1]
+            if lead == 0xe0:
+                if second < 0xa0 or second > 0xbf:
+                    return False
+            elif lead == 0xed:
+                if second < 0x80 or second > 0x9f:
+                    return False
+            elif (second & 0xc0) != 0x80:
+                return False
+            if (text[i + 2] & 0xc0) != 0x80:
+                return False
+            i += 3
+        elif lead < 0xf5:
+            if i + 3 >= size:
+                return False
+            second = text[i + 1]
+            if lead == 0xf0:
+                if second < 0x90 or second > 0xbf:
+                    return False
+            elif lead == 0xf4:
+                if second < 0x80 or second > 0x8f:
+                    return False
+            elif (second & 0xc0) != 0x80:
+                return False
+            if (text[i + 2] & 0xc0) != 0x80 or (text[i + 3] & 0xc0) != 0x80:
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef inline int _check_ext(const unsigned char* typed, Py_ssize_t length) noexcept nogil:
+    """``typed`` points at the ext type byte, followed by ``length`` bytes of data (bounds already checked)."""
+    cdef int8_t code = <int8_t>typed[0]
+    if code == -1:  # msgpack builds a Timestamp: 4, 8 or 12 bytes, nanoseconds below 10**9
+        if length == 4:
+            return _VALID
+        if length == 8:
+            return _VALID if (_be64(typed + 1) >> 34) < 1000000000 else _E_EXT
+        if length == 12:
+            return _VALID if _be32(typed + 1) < 1000000000 else _E_EXT
+        return _E_EXT
+    return _E_EXT if code < 0 else _VALID  # ExtType accepts codes 0..127 only
+
+
+cdef int _validate(const unsigned char* buf, Py_ssize_t size) noexcept nogil:
+    """Walk the whole message as msgpack's C unpacker does, iteratively, without building any object.
+
+    Every length is checked against the bytes left before anything is read. The first problem met in reading
+    order wins, as it does in msgpack; the nesting rule is reported only for an otherwise valid message.
+    """
+    cdef _Frame stack[_STACK_LIMIT]
+    cdef _Frame* frame
+    cdef Py_ssize_t top = 0, pos = 0, count, length
+    cdef int width, status
+    cdef bint is_map = False, too_deep = False
+    cdef unsigned char head
+    while True:
+        if pos >= size:
+            return _E_INCOMPLETE
+        head = buf[pos]
+        count = -1  # stays -1 for anything but an array or a map
+        if head <= 0x7f or head >= 0xe0 or head == 0xc0 or head == 0xc2 or head == 0xc3:
+            pos += 1
+        elif head <= 0x9f:  # fixmap, fixarray
+            count = head & 0x0f
+            is_map = head <= 0x8f
+            pos += 1
+        elif head <= 0xbf or (0xd9 <= head <= 0xdb):  # fixstr, str 8/16/32
+            if head <= 0xbf:
+                length = head & 0x1f
+                pos += 1
+            else:
+                width = 1 << (head - 0xd9)
+                if size - pos - 1 < width:
+                    return _E_INCOMPLETE
+                length = _load(buf + pos + 1, width)
+                pos += 1 + width
+            if length > size - pos:
+                return _E_INCOMPLETE
+            if not _valid_utf8(buf + pos, length):
+                return _E_UTF8
+            pos += length
+        elif head == 0xc1:
+            return _E_FORMAT
+        elif head <= 0xc6:  # bin 8/16/32
+            width = 1 << (head - 0xc4)
+            if size - pos - 1 < width:
+                return _E_INCOMPLETE
+            length = _load(buf + pos + 1, width)
+            pos += 1 + width
+            if length > size - pos:
+                return _E_INCOMPLETE
+            pos += length
+        elif head <= 0xc9:  # ext 8/16/32
+            width = 1 << (head - 0xc7)
+            if size - pos - 1 < width:
+                return _E_INCOMPLETE
+            length = _load(buf + pos + 1, width)
+            pos += 1 + width
+            if length >= size - pos:  # the type byte and the data
+                return _E_INCOMPLETE
+            status = _check_ext(buf + pos, length)
+            if status:
+                return status
+            pos += 1 + length
+        elif head <= 0xd3:  # float 32/64, uint 8..64, int 8..64
+            if head <= 0xcb:
+                width = 4 if head == 0xca else 8
+            else:
+                width = 1 << ((head - 0xcc) & 3)
+            if size - pos - 1 < width:
+                return _E_INCOMPLETE
+            pos += 1 + width
+        elif head <= 0xd8:  # fixext 1/2/4/8/16
+            length = 1 << (head - 0xd4)
+            if size - pos - 2 < length:
+                return _E_INCOMPLETE
+            status = _check_ext(buf + pos + 1, length)
+            if status:
+                return status
+            pos += 2 + length
+        else:  # array 16/32, map 16/32
+            width = 2 if head == 0xdc or head == 0xde else 4
+            if size - pos - 1 < width:
+                return _E_INCOMPLETE
+            count = _load(buf + pos + 1, width)
+            is_map = head >= 0xde
+            pos += 1 + width
+        if count >= 0:
+            if top >= _STACK_LIMIT:
+                return _E_STACK
+            if count > (size // 2 if is_map else size):  # unpackb's max_map_len / max_array_len
+                return _E_LIMIT
+            if top >= _MAX_NESTING:
+                too_deep = True
+            if top > 0 and stack[top - 1].is_map and not stack[top - 1].at_value:
+                stack[top - 1].bad_key = True
+            if count > 0:
+                stack[top].remaining = count
+                stack[top].is_map = is_map
+                stack[top].at_value = False
+                stack[top].bad_key = False
+                top += 1
+                continue
+        # One object is complete: close every container it completes.
+        while top > 0:
+            frame = &stack[top - 1]
+            if frame.is_map:
+                if not frame.at_value:
+                    frame.at_value = True
+                    break
+                frame.at_value = False
+                if frame.bad_key:  # msgpack fails when it stores the entry, i.e. after the value
+                    return _E_UNHASHABLE
+            frame.remaining -= 1
+            if frame.remaining > 0:
+                break
+            top -= 1
+        if top == 0:
+            if pos != size:
+                return _E_EXTRA
+            return _E_TOO_DEEP if too_deep else _VALID
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading a validated message
+# ------------------------------------------------------------------------------------------------------------
+
+cdef enum:
+    _K_NIL
+    _K_BOOL
+    _K_INT  # fits int64: ``integer``
+    _K_UINT  # above INT64_MAX: ``unsigned_integer``
+    _K_FLOAT32
+    _K_FLOAT64
+    _K_STR
+    _K_BIN
+    _K_ARRAY
+    _K_MAP
+    _K_EXT
+    _K_TIMESTAMP
+
+_TYPE_NAMES = ("NoneType", "bool", "int", "int", "float", "float", "str", "bytes", "list", "dict", "ExtType",
+               "Timestamp")
+
+ctypedef struct _Item:
+    int kind
+    int64_t integer
+    uint64_t unsigned_integer
+    double real  # float32 values widened, as msgpack gives them to Python
+    Py_ssize_t length  # str/bin/ext: bytes of payload; array/map: items/entries
+    Py_ssize_t data  # str/bin/ext: offset of the payload
+
+
+cdef Py_ssize_t _read_item(const unsigned char* buf, Py_ssize_t pos, _Item* item) noexcept nogil:
+    """Decode the item at ``pos`` of a message that ``_validate`` accepted (so every read is in bounds).
+
+    Returns the offset just past the item, or for an array/map just past its header (its first element).
+    """
+    cdef unsigned char head = buf[pos]
+    cdef const unsigned char* body = buf + pos + 1
+    cdef uint32_t bits32
+    cdef uint64_t bits64
+    cdef float single
+    cdef int width
+    if head <= 0x7f:
+        item.kind = _K_INT
+        item.integer = head
+        return pos + 1
+    if head >= 0xe0:
+        item.kind = _K_INT
+        item.integer = <int8_t>head
+        return pos + 1
+    if head <= 0x9f:
+        item.kind = _K_MAP if head <= 0x8f else _K_ARRAY
+        item.length = head & 0x0f
+        return pos + 1
+    if head <= 0xbf:
+        item.kind = _K_STR
+        item.length = head & 0x1f
+        item.data = pos + 1
+        return item.data + item.length
+    if head == 0xc0:
+        item.kind = _K_NIL
+        return pos + 1
+    if head == 0xc2 or head == 0xc3:
+        item.kind = _K_BOOL
+        item.integer = head & 1
+        return pos + 1
+    if head <= 0xc6:
+        width = 1 << (head - 0xc4)
+        item.kind = _K_BIN
+        item.length = _load(body, width)
+        item.data = pos + 1 + width
+        return item.data + item.length
+    if head <= 0xc9:
+        width = 1 << (head - 0xc7)
+        item.length = _load(body, width)
+        item.kind = _K_TIMESTAMP if <int8_t>body[width] == -1 else _K_EXT
+        item.data = pos + 2 + width
+        return item.data + item.length
+    if head == 0xca:
+        bits32 = _be32(body)
+        memcpy(&single, &bits32, 4)
+        item.kind = _K_FLOAT32
+        item.real = single
+        return pos + 5
+    if head == 0xcb:
+        bits64 = _be64(body)
+        memcpy(&item.real, &bits64, 8)
+        item.kind = _K_FLOAT64
+        return pos + 9
+    if head <= 0xcf:
+        item.kind = _K_INT
+        if head == 0xcc:
+            item.integer = body[0]
+            return pos + 2
+        if head == 0xcd:
+            item.integer = _be16(body)
+            return pos + 3
+        if head == 0xce:
+            item.integer = _be32(body)
+            return pos + 5
+        bits64 = _be64(body)
+        if bits64 > <uint64_t>0x7fffffffffffffff:
+            item.kind = _K_UINT
+            item.unsigned_integer = bits64
+        else:
+            item.integer = <int64_t>bits64
+        return pos + 9
+    if head <= 0xd3:
+        item.kind = _K_INT
+        if head == 0xd0:
+            item.integer = <int8_t>body[0]
+            return pos + 2
+        if head == 0xd1:
+            item.integer = <int16_t><uint16_t>_be16(body)
+            return pos + 3
+        if head == 0xd2:
+            item.integer = <int32_t>_be32(body)
+            return pos + 5
+        item.integer = <int64_t>_be64(body)
+        return pos + 9
+    if head <= 0xd8:
+        item.length = 1 << (head - 0xd4)
+        item.kind = _K_TIMESTAMP if <int8_t>body[0] == -1 else _K_EXT
+        item.data = pos + 2
+        return item.data + item.length
+    if head <= 0xdb:
+        width = 1 << (head - 0xd9)
+        item.kind = _K_STR
+        item.length = _load(body, width)
+        item.data = pos + 1 + width
+        return item.data + item.length
+    width = 2 if head == 0xdc or head == 0xde else 4
+    item.kind = _K_MAP if head >= 0xde else _K_ARRAY
+    item.length = _load(body, width)
+    return pos + 1 + width
+
+
+cdef Py_ssize_t _skip(const unsigned char* buf, Py_ssize_t pos) noexcept nogil:
+    """Offset just past the (validated) object at ``pos``: counts the objects still owed, no stack."""
+    cdef Py_ssize_t owed = 1
+    cdef _Item item
+    while owed > 0:
+        owed -= 1
+        pos = _read_item(buf, pos, &item)
+        if item.kind == _K_ARRAY:
+            owed += item.length
+        elif item.kind == _K_MAP:
+            owed += 2 * item.length
+    return pos
+
+
+cdef inline bint _str_len_ok(const unsigned char* text, Py_ssize_t size, Py_ssize_t max_len) noexcept nogil:
+    """0 < len(decoded) <= max_len, counting code points of valid UTF-8 (continuation bytes do not count)."""
+    cdef Py_ssize_t i, points = 0
+    if size == 0:
+        return False
+    if size <= max_len:  # a code point takes at least one byte
+        return True
+    for i in range(size):
+        points += (text[i] & 0xc0) != 0x80
+    return points <= max_len
+
+
+cdef inline bint _is_topic(const unsigned char* text, Py_ssize_t size) noexcept nogil:
+    """Kafka topic name: ASCII letters, digits, '.', '_', '-', at most 249 of them."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if size > _MAX_TOPIC_LEN:
+        return False
+    for i in range(size):
+        c = text[i]
+        if not ((b'a' <= c <= b'z') or (b'A' <= c <= b'Z') or (b'0' <= c <= b'9') or c == b'.' or c == b'_'
+                or c == b'-'):
+            return False
+    return True
+
+
+cdef inline int _number(const _Item* item, float* out) noexcept nogil:
+    """float32 of a msgpack number, as np.float32 of the unpacked value: 0 not a number, 1 finite, 2 not."""
+    cdef double wide
+    if item.kind == _K_INT:
+        wide = <double>item.integer  # an int goes through float64 first, exactly like np.float32(int)
+    elif item.kind == _K_UINT:
+        wide = <double>item.unsigned_integer
+    elif item.kind == _K_FLOAT32 or item.kind == _K_FLOAT64:
+        wide = item.real
+    else:
+        return 0
+    out[0] = <float>wide
+    return 1 if isfinite(out[0]) else 2
+
+
+cdef object _decimal(const _Item* item):
+    """str() of a msgpack int, without building the int."""
+    cdef char digits[24]
+    cdef Py_ssize_t at = 24
+    cdef uint64_t magnitude
+    cdef bint negative = item.kind == _K_INT and item.integer < 0
+    if item.kind == _K_UINT:
+        magnitude = item.unsigned_integer
+    elif negative:
+        magnitude = <uint64_t>0 - <uint64_t>item.integer
+    else:
+        magnitude = <uint64_t>item.integer
+    while True:
+        at -= 1
+        digits[at] = <char>(b'0' + magnitude % 10)
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    if negative:
+        at -= 1
+        digits[at] = b'-'
+    return PyUnicode_DecodeUTF8(digits + at, 24 - at, NULL)
+
+
+cdef inline object _text(const unsigned char* buf, const _Item* item):
+    return PyUnicode_DecodeUTF8(<const char*>buf + item.data, item.length, NULL)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The spec, compiled once per DecodeSpec object
+# ------------------------------------------------------------------------------------------------------------
+
+cdef enum:
+    _F_ID
+    _F_ENTITIES
+    _F_FEATURES
+    _F_DEADLINE
+    _F_SENT
+    _F_REPLY_TO
+    _F_VERSION
+    _FIELDS
+
+
+cdef inline int _request_field(const unsigned char* key, Py_ssize_t size) noexcept nogil:
+    """Which top-level request field a str key names, or -1."""
+    if size == 2:
+        return _F_ID if key[0] == b'i' and key[1] == b'd' else -1
+    if size == 8:
+        if memcmp(key, b"entities", 8) == 0:
+            return _F_ENTITIES
+        if memcmp(key, b"features", 8) == 0:
+            return _F_FEATURES
+        if memcmp(key, b"reply_to", 8) == 0:
+            return _F_REPLY_TO
+        return -1
+    if size == 7:
+        if memcmp(key, b"version", 7) == 0:
+            return _F_VERSION
+        if memcmp(key, b"sent_ms", 7) == 0:
+            return _F_SENT
+        return -1
+    if size == 11 and memcmp(key, b"deadline_ms", 11) == 0:
+        return _F_DEADLINE
+    return -1
+
+
+cdef class _Names:
+    """UTF-8 bytes of a tuple of names, for matching map keys without decoding them."""
+
+    cdef Py_ssize_t count
+    cdef list encoded  # owns the bytes the pointers point into
+    cdef list names
+    cdef const char** data
+    cdef Py_ssize_t* size
+    cdef Py_ssize_t* first  # index of the first name equal to this one: duplicates read the same value
+
+    def __cinit__(self, names):
+        cdef Py_ssize_t i, j
+        self.names = list(names)
+        self.count = len(self.names)
+        # surrogatepass: a name with a lone surrogate matches no valid msgpack str, as in the twin
+        self.encoded = [name.encode("utf-8", "surrogatepass") for name in self.names]
+        self.data = <const char**>PyMem_Malloc(max(1, self.count) * sizeof(char*))
+        self.size = <Py_ssize_t*>PyMem_Malloc(max(1, self.count) * sizeof(Py_ssize_t))
+        self.first = <Py_ssize_t*>PyMem_Malloc(max(1, self.count) * sizeof(Py_ssize_t))
+        if self.data == NULL or self.size == NULL or self.first == NULL:
+            raise MemoryError()
+        for i in range(self.count):
+            self.data[i] = PyBytes_AS_STRING(self.encoded[i])
+            self.size[i] = PyBytes_GET_SIZE(self.encoded[i])
+            self.first[i] = i
+            for j in range(i):
+                if self.encoded[j] == self.encoded[i]:
+                    self.first[i] = j
+                    break
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+        PyMem_Free(self.size)
+        PyMem_Free(self.first)
+
+    cdef inline Py_ssize_t find(self, const unsigned char* key, Py_ssize_t size, Py_ssize_t hint) noexcept:
+        """Index of the first name equal to ``key``, or -1; ``hint`` is tried first (keys tend to come in order)."""
+        cdef Py_ssize_t i
+        if hint < self.count and self.size[hint] == size and memcmp(self.data[hint], key, size) == 0:
+            return self.first[hint]
+        for i in range(self.count):
+            if self.size[i] == size and memcmp(self.data[i], key, size) == 0:
+                return i
+        return -1
+
+
+cdef Py_ssize_t _clamp(object value):
+    return <Py_ssize_t>max(-1, min(value, PY_SSIZE_T_MAX))
+
+
+cdef class _Spec:
+    cdef object spec
+    cdef _Names entity_names
+    cdef _Names feature_names
+    cdef Py_ssize_t columns
+    cdef object feature_sizes  # int64 array: size of each request feature
+    cdef object feature_columns  # int64 array: first column of each request feature
+    cdef object has_default  # uint8 array
+    cdef object defaults  # float32 array, one per column
+    cdef int64_t* size_of
+    cdef int64_t* column_of
+    cdef unsigned char* defaulted
+    cdef float* default_of
+    cdef Py_ssize_t max_str_len
+    cdef Py_ssize_t max_message_bytes
+    cdef Py_ssize_t max_requests
+
+    def __cinit__(self, spec):
+        cdef Py_ssize_t index, column = 0
+        self.spec = spec
+        features = tuple(spec.request_features)
+        for feature in features:
+            if feature.size < 0:
+                raise ValueError(f"request feature {feature.name!r} has size {feature.size}: a size is at least 0")
+        self.entity_names = _Names(spec.entity_keys)
+        self.feature_names = _Names([feature.name for feature in features])
+        self.columns = sum(feature.size for feature in features)
+        self.feature_sizes = np.array([feature.size for feature in features] or [0], dtype=np.int64)
+        self.feature_columns = np.zeros(max(1, len(features)), dtype=np.int64)
+        self.has_default = np.zeros(max(1, len(features)), dtype=np.uint8)
+        self.defaults = np.zeros(max(1, self.columns), dtype=np.float32)
+        for index, feature in enumerate(features):
+            self.feature_columns[index] = column
+            if feature.default is not None:
+                self.has_default[index] = 1
+                # the twin's own assignment, so the default is rounded exactly as there
+                self.defaults[column:column + feature.size] = feature.default
+            column += feature.size
+        self.size_of = <int64_t*>cnp.PyArray_DATA(self.feature_sizes)
+        self.column_of = <int64_t*>cnp.PyArray_DATA(self.feature_columns)
+        self.defaulted = <unsigned char*>cnp.PyArray_DATA(self.has_default)
+        self.default_of = <float*>cnp.PyArray_DATA(self.defaults)
+        self.max_str_len = _clamp(spec.max_str_len)
+        self.max_message_bytes = _clamp(spec.max_message_bytes)
+        self.max_requests = _clamp(spec.max_requests_per_message)
+
+
+_compiled_specs: dict = {}
+
+
+cdef _Spec _compile(object spec):
+    """Specs are frozen, so one compiled form per spec object is kept (keyed by identity, bounded)."""
+    cdef _Spec compiled = _compiled_specs.get(id(spec))
+    if compiled is not None and compiled.spec is spec:
+        return compiled
+    compiled = _Spec(spec)
+    if len(_compiled_specs) >= 64:
+        _compiled_specs.clear()
+    _compiled_specs[id(spec)] = compiled
+    return compiled
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decode
+# ------------------------------------------------------------------------------------------------------------
+
+cdef class _Decoder:
+    """Columns of one decode_batch call; requests are appended row by row, errors one per bad message/element."""
+
+    cdef _Spec spec
+    cdef Py_ssize_t count  # requests accepted
+    cdef Py_ssize_t capacity
+    cdef object features_out
+    cdef object deadline_out
+    cdef object sent_out
+    cdef object source_out
+    cdef float* features
+    cdef int64_t* deadline
+    cdef int64_t* sent
+    cdef int32_t* source
+    cdef list ids
+    cdef list entities
+    cdef list reply_to
+    cdef list version
+    cdef list errors
+    cdef list pending_keys  # entity keys of the request being read, appended once it is accepted
+    cdef Py_ssize_t field_at[_FIELDS]  # offset of each request field's value, -1 when absent
+    cdef Py_ssize_t* entity_at
+    cdef Py_ssize_t* feature_at
+
+    def __cinit__(self, _Spec spec, Py_ssize_t capacity):
+        self.spec = spec
+        self.count = 0
+        self.ids = []
+        self.entities = [[] for _ in range(spec.entity_names.count)]
+        self.reply_to = []
+        self.version = []
+        self.errors = []
+        self.pending_keys = [None] * spec.entity_names.count
+        self.entity_at = <Py_ssize_t*>PyMem_Malloc(max(1, spec.entity_names.count) * sizeof(Py_ssize_t))
+        self.feature_at = <Py_ssize_t*>PyMem_Malloc(max(1, spec.feature_names.count) * sizeof(Py_ssize_t))
+        if self.entity_at == NULL or self.feature_at == NULL:
+            raise MemoryError()
+        self._allocate(max(1, capacity))
+
+    def __dealloc__(self):
+        PyMem_Free(self.entity_at)
+        PyMem_Free(self.feature_at)
+
+    cdef int _allocate(self, Py_ssize_t capacity) except -1:
+        """(Re)allocate the numeric columns for ``capacity`` requests, keeping the rows accepted so far."""
+        features = np.empty((capacity, self.spec.columns), dtype=np.float32)
+        deadline = np.empty(capacity, dtype=np.int64)
+        sent = np.empty(capacity, dtype=np.int64)
+        source = np.empty(capacity, dtype=np.int32)
+        if self.count:
+            features[:self.count] = self.features_out[:self.count]
+            deadline[:self.count] = self.deadline_out[:self.count]
+            sent[:self.count] = self.sent_out[:self.count]
+            source[:self.count] = self.source_out[:self.count]
+        self.features_out, self.deadline_out, self.sent_out, self.source_out = features, deadline, sent, source
+        self.features = <float*>cnp.PyArray_DATA(features)
+        self.deadline = <int64_t*>cnp.PyArray_DATA(deadline)
+        self.sent = <int64_t*>cnp.PyArray_DATA(sent)
+        self.source = <int32_t*>cnp.PyArray_DATA(source)
+        self.capacity = capacity
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t more) except -1:
+        if self.count + more > self.capacity:
+            self._allocate(max(16, 2 * self.capacity, self.count + more))
+        return 0
+
+    cdef int _error(self, Py_ssize_t message_index, Py_ssize_t element_index, str kind, str detail,
+                    object request_id=None) except -1:
+        self.errors.append(DecodeError(message_index, element_index, kind, detail, request_id))
+        return 1
+
+    cdef int add_message(self, object message, Py_ssize_t message_index) except -1:
+        cdef const unsigned char* buf
+        cdef Py_ssize_t size, pos, element
+        cdef int status
+        cdef _Item item
+        if not PyBytes_CheckExact(message):
+            size = len(message)
+            if size > self.spec.max_message_bytes:
+                return self._too_large(message_index, size)
+            try:
+                message = bytes(memoryview(message))
+            except TypeError:  # what unpackb raises for something that is not bytes-like
+                return self._error(message_index, -1, UNDECODABLE, "not a valid msgpack message: TypeError")
+        buf = <const unsigned char*>PyBytes_AS_STRING(message)
+        size = PyBytes_GET_SIZE(message)
+        if size > self.spec.max_message_bytes:
+            return self._too_large(message_index, size)
+        status = _validate(buf, size)
+        if status != _VALID:
+            return self._error(message_index, -1, UNDECODABLE, _UNDECODABLE_DETAIL[status])
+        pos = _read_item(buf, 0, &item)
+        if item.kind != _K_ARRAY:
+            self.add_request(buf, 0, message_index, -1)
+        elif item.length == 0:
+            self._error(message_index, -1, EMPTY_BATCH, "a msgpack array with no request")
+        elif item.length > self.spec.max_requests:
+            self._error(message_index, -1, TOO_LARGE, f"{item.length} requests in one message, over the limit "
+                                                      f"of {self.spec.spec.max_requests_per_message}")
+        else:
+            self._reserve(item.length)
+            for element in range(item.length):
+                pos = self.add_request(buf, pos, message_index, element)
+        return 0
+
+    cdef int _too_large(self, Py_ssize_t message_index, Py_ssize_t size) except -1:
+        return self._error(message_index, -1, TOO_LARGE, f"message of {size} bytes is over the limit of "
+                                                         f"{self.spec.spec.max_message_bytes}")
+
+    cdef Py_ssize_t add_request(self, const unsigned char* buf, Py_ssize_t pos, Py_ssize_t message_index,
+                                Py_ssize_t element_index) except -1:
+        """Read the request at ``pos`` into the next row, or record why not; returns the offset past it."""
+        cdef _Item item, key
+        cdef Py_ssize_t entry, field
+        cdef Py_ssize_t after = _read_item(buf, pos, &item)
+        if item.kind != _K_MAP:
+            self._error(message_index, element_index, NOT_A_MAP,
+                        f"a request must be a msgpack map, got {_TYPE_NAMES[item.kind]}")
+            return _skip(buf, pos)
+        for field in range(_FIELDS):
+            self.field_at[field] = -1
+        pos = after
+        for entry in range(item.length):
+            after = _read_item(buf, pos, &key)
+            field = _request_field(buf + key.data, key.length) if key.kind == _K_STR else -1
+            if key.kind != _K_STR:
+                after = _skip(buf, pos)
+            if field >= 0:
+                self.field_at[field] = after  # a repeated key keeps its last value, as in a dict
+            pos = _skip(buf, after)
+        self._reserve(1)
+        self._read_request(buf, message_index, element_index)
+        return pos
+
+    cdef int _find_keys(self, const unsigned char* buf, Py_ssize_t pos, _Names names, Py_ssize_t* found) except -1:
+        """Record the offset of the value of each name in the map at ``pos`` (last one wins), -1 if absent."""
+        cdef _Item item, key
+        cdef Py_ssize_t entry, index, hint = 0
+        cdef Py_ssize_t after
+        for index in range(names.count):
+            found[index] = -1
+        pos = _read_item(buf, pos, &item)
+        for entry in range(item.length):
+            after = _read_item(buf, pos, &key)
+            if key.kind == _K_STR:
+                index = names.find(buf + key.data, key.length, hint)
+                if index >= 0:
+                    found[index] = after
+                    hint = index + 1
+            else:
+                after = _skip(buf, pos)
+            pos = _skip(buf, after)
+        return 0
+
+    cdef int _read_request(self, const unsigned char* buf, Py_ssize_t message_index,
+                           Py_ssize_t element_index) except -1:
+        """The twin's checks in the twin's order; the row is kept only if every one passes."""
+        cdef _Item item
+        cdef _Spec spec = self.spec
+        cdef object request_id = None
+        cdef int status
+        cdef Py_ssize_t index
+        cdef int64_t deadline = 0, sent = 0
+        if self.field_at[_F_ID] < 0:
+            return self._error(message_index, element_index, MISSING_ID, "request has no 'id'")
+        _read_item(buf, self.field_at[_F_ID], &item)
+        if item.kind != _K_STR or not _str_len_ok(buf + item.data, item.length, spec.max_str_len):
+            return self._error(message_index, element_index, BAD_ID, f"'id' must be a non-empty str of at most "
+                                                                     f"{spec.spec.max_str_len} characters")
+        request_id = _text(buf, &item)
+        status = self._read_entities(buf, message_index, element_index, request_id)
+        if status:
+            return status
+        status = self._read_features(buf, message_index, element_index, request_id)
+        if status:
+            return status
+        status = self._read_int(buf, _F_DEADLINE, &deadline)
+        if status:
+            return self._error(message_index, element_index, BAD_FIELD,
+                               "'deadline_ms' must be an int64 (epoch milliseconds)", request_id)
+        status = self._read_int(buf, _F_SENT, &sent)
+        if status:
+            return self._error(message_index, element_index, BAD_FIELD,
+                               "'sent_ms' must be an int64 (epoch milliseconds)", request_id)
+        reply_to = self._read_str(buf, _F_REPLY_TO, message_index, element_index, request_id, True)
+        if reply_to is False:
+            return 1
+        version = self._read_str(buf, _F_VERSION, message_index, element_index, request_id, False)
+        if version is False:
+            return 1
+        PyList_Append(self.ids, request_id)
+        for index in range(spec.entity_names.count):
+            PyList_Append(<list>self.entities[index], self.pending_keys[index])
+        self.deadline[self.count] = deadline
+        self.sent[self.count] = sent
+        self.source[self.count] = <int32_t>message_index
+        PyList_Append(self.reply_to, reply_to)
+        PyList_Append(self.version, version)
+        self.count += 1
+        return 0
+
+    cdef int _read_entities(self, const unsigned char* buf, Py_ssize_t message_index, Py_ssize_t element_index,
+                            object request_id) except -1:
+        cdef _Item item
+        cdef _Names names = self.spec.entity_names
+        cdef Py_ssize_t index, at
+        if self.field_at[_F_ENTITIES] >= 0:
+            _read_item(buf, self.field_at[_F_ENTITIES], &item)
+            if item.kind != _K_MAP:
+                return self._error(message_index, element_index, BAD_ENTITIES,
+                                   f"'entities' must be a map, got {_TYPE_NAMES[item.kind]}", request_id)
+            self._find_keys(buf, self.field_at[_F_ENTITIES], names, self.entity_at)
+        else:
+            for index in range(names.count):
+                self.entity_at[index] = -1
+        for index in range(names.count):
+            at = self.entity_at[names.first[index]]
+            if at < 0:
+                return self._error(message_index, element_index, MISSING_ENTITY,
+                                   f"entity key {names.names[index]!r} is missing from 'entities'", request_id)
+            _read_item(buf, at, &item)
+            if item.kind == _K_INT or item.kind == _K_UINT:
+                self.pending_keys[index] = _decimal(&item)
+            elif item.kind == _K_STR and _str_len_ok(buf + item.data, item.length, self.spec.max_str_len):
+                self.pending_keys[index] = _text(buf, &item)
+            else:
+                return self._error(message_index, element_index, BAD_ENTITY,
+                                   f"entity key {names.names[index]!r} must be an int or a non-empty str of at "
+                                   f"most {self.spec.spec.max_str_len} characters", request_id)
+        return 0
+
+    cdef int _read_features(self, const unsigned char* buf, Py_ssize_t message_index, Py_ssize_t element_index,
+                            object request_id) except -1:
+        cdef _Item item
+        cdef _Spec spec = self.spec
+        cdef _Names names = spec.feature_names
+        cdef float* row = self.features + self.count * spec.columns
+        cdef Py_ssize_t index, at, offset, column, size, pos
+        cdef int status
+        if self.field_at[_F_FEATURES] >= 0:
+            _read_item(buf, self.field_at[_F_FEATURES], &item)
+            if item.kind != _K_MAP:
+                return self._error(message_index, element_index, BAD_FEATURES,
+                                   f"'features' must be a map, got {_TYPE_NAMES[item.kind]}", request_id)
+            self._find_keys(buf, self.field_at[_F_FEATURES], names, self.feature_at)
+        else:
+            for index in range(names.count):
+                self.feature_at[index] = -1
+        for index in range(names.count):
+            at = self.feature_at[names.first[index]]
+            column = spec.column_of[index]
+            size = spec.size_of[index]
+            if at < 0:
+                if not spec.defaulted[index]:
+                    return self._error(message_index, element_index, MISSING_FEATURE,
+                                       f"request feature {names.names[index]!r} is missing and has no default",
+                                       request_id)
+                memcpy(row + column, spec.default_of + column, size * sizeof(float))
+                continue
+            pos = _read_item(buf, at, &item)
+            if size == 1:
+                status = _number(&item, row + column)
+                if status != 1:
+                    return self._bad_number(buf, &item, status, index, message_index, element_index, request_id)
+                continue
+            if item.kind != _K_ARRAY or item.length != size:
+                return self._error(message_index, element_index, BAD_FEATURE,
+                                   f"feature {names.names[index]!r} must be a list of {size} numbers", request_id)
+            for offset in range(size):
+                pos = _read_item(buf, pos, &item)
+                status = _number(&item, row + column + offset)
+                if status != 1:
+                    return self._bad_number(buf, &item, status, index, message_index, element_index, request_id)
+        return 0
+
+    cdef int _bad_number(self, const unsigned char* buf, const _Item* item, int status, Py_ssize_t index,
+                         Py_ssize_t message_index, Py_ssize_t element_index, object request_id) except -1:
+        name = self.spec.feature_names.names[index]
+        if status == 0:
+            detail = f"feature {name!r} must be a number, got {_TYPE_NAMES[item.kind]}"
+        else:  # only a float can fail to be finite: a msgpack int is below 2**64
+            detail = f"feature {name!r} must be finite in float32, got {PyFloat_FromDouble(item.real)!r}"
+        return self._error(message_index, element_index, BAD_FEATURE, detail, request_id)
+
+    cdef int _read_int(self, const unsigned char* buf, int field, int64_t* out) except -1:
+        """1 when the field is neither absent, nil nor an int64."""
+        cdef _Item item
+        if self.field_at[field] < 0:
+            return 0
+        _read_item(buf, self.field_at[field], &item)
+        if item.kind == _K_NIL:
+            return 0
+        if item.kind != _K_INT:
+            return 1
+        out[0] = item.integer
+        return 0
+
+    cdef object _read_str(self, const unsigned char* buf, int field, Py_ssize_t message_index,
+                          Py_ssize_t element_index, object request_id, bint is_topic):
+        """None when absent or nil, the str when valid, False after recording the error."""
+        cdef _Item item
+        if self.field_at[field] < 0:
+            return None
+        _read_item(buf, self.field_at[field], &item)
+        if item.kind == _K_NIL:
+            return None
+        name = "reply_to" if is_topic else "version"
+        if item.kind != _K_STR or not _str_len_ok(buf + item.data, item.length, self.spec.max_str_len):
+            self._error(message_index, element_index, BAD_FIELD, f"{name!r} must be a non-empty str of at most "
+                                                                 f"{self.spec.spec.max_str_len} characters",
+                        request_id)
+            return False
+        if is_topic and not _is_topic(buf + item.data, item.length):
+            self._error(message_index, element_index, BAD_FIELD,
+                        "'reply_to' must be a Kafka topic name: letters, digits, '.', '_', '-'", request_id)
+            return False
+        return _text(buf, &item)
+
+    cdef object batch(self):
+        cdef Py_ssize_t n = self.count
+        features, deadline, sent, source = self.features_out, self.deadline_out, self.sent_out, self.source_out
+        if n != self.capacity:
+            features, deadline, sent, source = features[:n].copy(), deadline[:n].copy(), sent[:n].copy(), \
+                source[:n].copy()
+        return DecodedBatch(ids=self.ids, entities=self.entities, features=features, deadline_ms=deadline,
+                            sent_ms=sent, reply_to=self.reply_to, version=self.version, source=source,
+                            errors=self.errors)
+
+
+def decode_batch(messages, spec):
+    """Decode raw request messages (single requests or msgpack arrays of them) into columns."""
+    cdef _Decoder decoder = _Decoder(_compile(spec), len(messages))
+    cdef Py_ssize_t message_index = 0
+    for message in messages:
+        decoder.add_message(message, message_index)
+        message_index += 1
+    return decoder.batch()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Assemble
+# ------------------------------------------------------------------------------------------------------------
+
+cdef Py_ssize_t _wrap_index(Py_ssize_t index, Py_ssize_t size, str axis) except? -2:
+    """numpy's reading of one index: negative counts from the end, out of range is an IndexError."""
+    if -size <= index < size:
+        return index + size if index < 0 else index
+    raise IndexError(f"index {index} is out of bounds for {axis} with size {size}")
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def assemble(request_features, blocks, columns):
+    """Build the float32 (n x inputs) model input in the manifest's column order."""
+    request = np.asarray(request_features)
+    if request.ndim != 2:
+        raise IndexError(f"request_features must be 2-dimensional, got {request.ndim} dimension(s)")
+    cdef Py_ssize_t rows = request.shape[0], width = len(columns), out, row, view_row, block_rows
+    cdef Py_ssize_t request_width = request.shape[1]
+    matrix = np.empty((rows, width), dtype=np.float32)
+    request = np.ascontiguousarray(request, dtype=np.float32)
+    cdef const float[:, ::1] request_view = request
+    cdef float[:, ::1] matrix_view = matrix
+    cdef Py_ssize_t column
+    for out in range(width):
+        source = columns[out]
+        if source.from_request:
+            column = _wrap_index(source.column, request_width, "axis 1")
+            for row in range(rows):
+                matrix_view[row, out] = request_view[row, column]
+        else:
+            _fill_from_block(matrix_view, out, blocks[source.block], source.column, rows)
+    return matrix
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _fill_from_block(float[:, ::1] matrix, Py_ssize_t out, object block, Py_ssize_t column,
+                          Py_ssize_t rows) except -1:
+    """One output column from a view block: the request's row of ``values``, or the default when it is < 0."""
+    if rows == 0:
+        return 0
+    values = np.asarray(block.values)
+    if values.ndim != 2:
+        raise IndexError(f"a view block's values must be 2-dimensional, got {values.ndim} dimension(s)")
+    cdef const float[:, :] values_view = values.astype(np.float32, copy=False)
+    cdef const cnp.intp_t[:] row_of = np.asarray(block.row_of_request).astype(np.intp, copy=False)
+    cdef const float[:] defaults = np.atleast_1d(np.asarray(block.defaults)).astype(np.float32, copy=False)
+    cdef Py_ssize_t row, view_row, value_column = -1, default_column = -1
+    cdef Py_ssize_t block_rows = values_view.shape[0]
+    if row_of.shape[0] < rows:
+        raise IndexError(f"index {row_of.shape[0]} is out of bounds for axis 0 with size {row_of.shape[0]}")
+    for row in range(rows):
+        view_row = row_of[row]
+        if view_row < 0:
+            if default_column < 0:
+                default_column = _wrap_index(column, defaults.shape[0], "axis 0")
+            matrix[row, out] = defaults[default_column]
+        else:
+            if view_row >= block_rows:
+                raise IndexError(f"index {view_row} is out of bounds for axis 0 with size {block_rows}")
+            if value_column < 0:
+                value_column = _wrap_index(column, values_view.shape[1], "axis 1")
+            matrix[row, out] = values_view[view_row, value_column]
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Encode
+# ------------------------------------------------------------------------------------------------------------
+
+cdef enum:
+    _RECURSE_LIMIT = 1024  # msgpack's Packer: an object reached with a nest limit below 0 is an error
+
+ctypedef struct _Buffer:
+    char* data
+    Py_ssize_t length
+    Py_ssize_t capacity
+
+
+cdef int _grow(_Buffer* out, Py_ssize_t more) except -1:
+    cdef Py_ssize_t capacity = max(256, 2 * out.capacity, out.length + more)
+    cdef char* data = <char*>PyMem_Realloc(out.data, capacity)
+    if data == NULL:
+        raise MemoryError()
+    out.data = data
+    out.capacity = capacity
+    return 0
+
+
+cdef inline int _put(_Buffer* out, const void* data, Py_ssize_t size) except -1:
+    if out.length + size > out.capacity:
+        _grow(out, size)
+    memcpy(out.data + out.length, data, size)
+    out.length += size
+    return 0
+
+
+cdef inline int _put_head(_Buffer* out, unsigned char head, uint64_t value, int width) except -1:
+    """One header byte followed by ``value`` as a big-endian number of ``width`` bytes."""
+    cdef unsigned char bytes_[9]
+    cdef int i
+    bytes_[0] = head
+    for i in range(width):
+        bytes_[width - i] = <unsigned char>(value >> (8 * i))
+    return _put(out, bytes_, 1 + width)
+
+
+cdef int _pack_int64(_Buffer* out, int64_t value) except -1:
+    if value >= 0:
+        return _pack_uint64(out, <uint64_t>value)
+    if value >= -32:
+        return _put_head(out, <unsigned char>(value & 0xff), 0, 0)
+    if value >= -128:
+        return _put_head(out, 0xd0, <uint64_t>value, 1)
+    if value >= -32768:
+        return _put_head(out, 0xd1, <uint64_t>value, 2)
+    if value >= -2147483648:
+        return _put_head(out, 0xd2, <uint64_t>value, 4)
+    return _put_head(out, 0xd3, <uint64_t>value, 8)
+
+
+cdef int _pack_uint64(_Buffer* out, uint64_t value) except -1:
+    if value < 0x80:
+        return _put_head(out, <unsigned char>value, 0, 0)
+    if value < 0x100:
+        return _put_head(out, 0xcc, value, 1)
+    if value < 0x10000:
+        return _put_head(out, 0xcd, value, 2)
+    if value < 0x100000000:
+        return _put_head(out, 0xce, value, 4)
+    return _put_head(out, 0xcf, value, 8)
+
+
+cdef int _pack_pylong(_Buffer* out, object value) except -1:
+    cdef int overflow = 0
+    cdef long long signed_value = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow == 0:
+        return _pack_int64(out, signed_value)
+    if overflow > 0:
+        try:
+            return _pack_uint64(out, PyLong_AsUnsignedLongLong(value))
+        except OverflowError:
+            pass
+    raise OverflowError("Integer value out of range")
+
+
+cdef inline int _pack_double(_Buffer* out, double value) except -1:
+    cdef uint64_t bits
+    memcpy(&bits, &value, 8)
+    return _put_head(out, 0xcb, bits, 8)
+
+
+cdef int _pack_length(_Buffer* out, Py_ssize_t size, unsigned char fix, unsigned char fix_limit,
+                      unsigned char head8, unsigned char head16) except -1:
+    """Header of a str (fix 0xa0), array (0x90) or map (0x80): fix form, then 8 (str only), 16, 32 bits."""
+    if size < fix_limit:
+        return _put_head(out, fix | <unsigned char>size, 0, 0)
+    if head8 and size < 0x100:
+        return _put_head(out, head8, size, 1)
+    if size < 0x10000:
+        return _put_head(out, head16, size, 2)
+    if size <= 0xffffffff:
+        return _put_head(out, head16 + 1, size, 4)
+    raise ValueError("object too large to pack in msgpack")
+
+
+cdef inline int _pack_str(_Buffer* out, object text) except -1:
+    cdef Py_ssize_t size
+    cdef const char* data = PyUnicode_AsUTF8AndSize(text, &size)  # strict: a lone surrogate raises, as in msgpack
+    _pack_length(out, size, 0xa0, 32, 0xd9, 0xda)
+    return _put(out, data, size)
+
+
+cdef int _pack(_Buffer* out, object value, int nest_limit) except -1:
+    """msgpack.Packer(use_bin_type=True)._pack for the plain types; anything else is handed to msgpack."""
+    cdef Py_ssize_t size
+    if nest_limit < 0:
+        raise ValueError("recursion limit exceeded")
+    if value is None:
+        return _put(out, b"\xc0", 1)
+    if value is True:
+        return _put(out, b"\xc3", 1)
+    if value is False:
+        return _put(out, b"\xc2", 1)
+    if PyLong_CheckExact(value):
+        return _pack_pylong(out, value)
+    if PyFloat_CheckExact(value):
+        return _pack_double(out, PyFloat_AS_DOUBLE(value))
+    if PyUnicode_CheckExact(value):
+        return _pack_str(out, value)
+    if type(value) is dict:
+        _pack_length(out, len(<dict>value), 0x80, 16, 0, 0xde)
+        for key, item in (<dict>value).items():
+            _pack(out, key, nest_limit - 1)
+            _pack(out, item, nest_limit - 1)
+        return 0
+    if type(value) is list or type(value) is tuple:
+        size = len(value)
+        _pack_length(out, size, 0x90, 16, 0, 0xdc)
+        for item in value:
+            _pack(out, item, nest_limit - 1)
+        return 0
+    return _pack_with_msgpack(out, value, nest_limit)
+
+
+cdef int _pack_with_msgpack(_Buffer* out, object value, int nest_limit) except -1:
+    """Bytes, subclasses, ExtType, numpy scalars...: msgpack packs them, at the same depth (wrapped in lists)."""
+    cdef Py_ssize_t depth = _RECURSE_LIMIT - nest_limit, level
+    for level in range(depth):
+        value = [value]
+    packed = msgpack.packb(value, use_bin_type=True)
+    return _put(out, PyBytes_AS_STRING(packed) + depth, PyBytes_GET_SIZE(packed) - depth)
+
+
+cdef bytes _packed(object value, int nest_limit):
+    cdef _Buffer out
+    out.data = NULL
+    out.length = out.capacity = 0
+    try:
+        _pack(&out, value, nest_limit)
+        return PyBytes_FromStringAndSize(out.data, out.length)
+    finally:
+        PyMem_Free(out.data)
+
+
+def _output_value(values, row):
+    """The twin's reading of one output row, for arrays the typed path does not cover."""
+    if values.ndim == 1:
+        return float(values[row])
+    return [float(value) for value in values[row]]
+
+
+cdef object _typed_column(object values, str kinds, object dtype, int max_ndim):
+    """``values`` as a contiguous array of ``dtype`` when that conversion is exact, else None (generic path)."""
+    if type(values) is not np.ndarray or not 1 <= values.ndim <= max_ndim or values.dtype.kind not in kinds:
+        return None
+    if dtype is np.int64 and values.dtype.kind == "u" and values.dtype.itemsize >= 8:
+        return None  # a uint64 above INT64_MAX does not fit
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+cdef class _Output:
+    """One model output: its packed name and a float64 view of its values (or None: read like the twin)."""
+
+    cdef bytes name
+    cdef object values
+    cdef object typed
+    cdef const double* data
+    cdef Py_ssize_t rows
+    cdef Py_ssize_t width  # -1 for one value per row
+
+    def __cinit__(self, name, values):
+        self.name = _packed(name, _RECURSE_LIMIT - 3)
+        self.values = values
+        self.typed = _typed_column(values, "fiub", np.float64, 2)
+        if self.typed is not None:
+            self.data = <const double*>cnp.PyArray_DATA(self.typed)
+            self.rows = self.typed.shape[0]
+            self.width = self.typed.shape[1] if self.typed.ndim == 2 else -1
+
+    cdef int pack_row(self, _Buffer* out, Py_ssize_t row) except -1:
+        cdef Py_ssize_t column
+        _put(out, PyBytes_AS_STRING(self.name), PyBytes_GET_SIZE(self.name))
+        if self.typed is None:
+            return _pack(out, _output_value(self.values, row), _RECURSE_LIMIT - 3)
+        if row >= self.rows:
+            raise IndexError(f"index {row} is out of bounds for axis 0 with size {self.rows}")
+        if self.width < 0:
+            return _pack_double(out, self.data[row])
+        _pack_length(out, self.width, 0x90, 16, 0, 0xdc)
+        for column in range(self.width):
+            _pack_double(out, self.data[row * self.width + column])
+        return 0
+
+
+cdef class _IntColumn:
+    """An int column read per row as ``int(values[row])``, typed when the array allows."""
+
+    cdef object values
+    cdef object typed
+    cdef const int64_t* data
+    cdef Py_ssize_t rows
+
+    def __cinit__(self, values):
+        self.values = values
+        self.typed = _typed_column(values, "iub", np.int64, 1)
+        if self.typed is not None:
+            self.data = <const int64_t*>cnp.PyArray_DATA(self.typed)
+            self.rows = self.typed.shape[0]
+
+    cdef int pack_row(self, _Buffer* out, Py_ssize_t row, bint zero_is_nil, int nest_limit) except -1:
+        cdef int64_t value
+        if self.typed is None:
+            python_value = int(self.values[row])
+            return _pack(out, (python_value or None) if zero_is_nil else python_value, nest_limit)
+        if row >= self.rows:
+            raise IndexError(f"index {row} is out of bounds for axis 0 with size {self.rows}")
+        value = self.data[row]
+        if zero_is_nil and value == 0:
+            return _put(out, b"\xc0", 1)
+        return _pack_int64(out, value)
+
+
+cdef object _as_list(object values):
+    return values if type(values) is list else list(values)
+
+
+cdef class _Lineage:
+    """``{**lineage, "feature_ts_ms": ...}`` packed once: the entries before and after feature_ts_ms."""
+
+    cdef bytes before
+    cdef bytes after
+    cdef Py_ssize_t size
+    cdef list views  # packed view names
+    cdef list timestamps  # _IntColumn per view
+
+    def __cinit__(self, lineage, feature_ts_ms):
+        cdef int limit = _RECURSE_LIMIT - 2  # the lineage map's entries
+        entries = dict(lineage)
+        entries["feature_ts_ms"] = None  # keeps its place when lineage already has the key, as ** does
+        keys = list(entries)
+        split = keys.index("feature_ts_ms")
+        self.before = b"".join(_packed(key, limit) + _packed(entries[key], limit) for key in keys[:split])
+        self.after = b"".join(_packed(key, limit) + _packed(entries[key], limit) for key in keys[split + 1:])
+        self.size = len(keys)
+        self.views = [_packed(view, limit - 1) for view in feature_ts_ms]
+        self.timestamps = [_IntColumn(timestamps) for timestamps in feature_ts_ms.values()]
+
+    cdef int pack_row(self, _Buffer* out, Py_ssize_t row) except -1:
+        cdef Py_ssize_t index
+        _pack_length(out, self.size, 0x80, 16, 0, 0xde)
+        _put(out, PyBytes_AS_STRING(self.before), PyBytes_GET_SIZE(self.before))
+        _put(out, b"\xadfeature_ts_ms", 14)
+        _pack_length(out, len(self.views), 0x80, 16, 0, 0xde)
+        for index in range(len(self.views)):
+            _put(out, PyBytes_AS_STRING(self.views[index]), PyBytes_GET_SIZE(self.views[index]))
+            (<_IntColumn>self.timestamps[index]).pack_row(out, row, True, _RECURSE_LIMIT - 3)
+        return _put(out, PyBytes_AS_STRING(self.after), PyBytes_GET_SIZE(self.after))
+
+
+cdef inline int _put_bytes(_Buffer* out, bytes data) except -1:
+    return _put(out, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+def encode_predictions(batch, sent_ms):
+    """One msgpack map per prediction, keys in the documented order: the bytes ``msgpack.packb`` gives."""
+    cdef list ids = _as_list(batch.ids)
+    cdef Py_ssize_t rows = len(ids), row, index
+    cdef list encoded = []
+    cdef _Buffer out
+    cdef int value_limit = _RECURSE_LIMIT - 1
+    if rows == 0:
+        return encoded
+    status, errors, degraded = _as_list(batch.status), _as_list(batch.errors), _as_list(batch.degraded)
+    for column in (status, errors, degraded):
+        if len(column) < rows:
+            raise IndexError("list index out of range")
+    model, version = _packed(batch.model, value_limit), _packed(batch.version, value_limit)
+    outputs = [_Output(name, values) for name, values in batch.outputs.items()]
+    lineage = _Lineage(batch.lineage, batch.feature_ts_ms)
+    timings, sent = _packed(batch.timings_us, value_limit), _packed(sent_ms, value_limit)
+    received = _IntColumn(batch.received_ms)
+    out.data = NULL
+    out.length = out.capacity = 0
+    try:
+        for row in range(rows):
+            out.length = 0
+            _put(&out, b"\x8b\xa2id", 4)
+            _pack(&out, ids[row], value_limit)
+            _put(&out, b"\xa5model", 6)
+            _put_bytes(&out, model)
+            _put(&out, b"\xa7version", 8)
+            _put_bytes(&out, version)
+            row_status = status[row]
+            _put(&out, b"\xa6status", 7)
+            _pack(&out, row_status, value_limit)
+            _put(&out, b"\xa7outputs", 8)
+            if row_status == "ok":
+                _pack_length(&out, len(outputs), 0x80, 16, 0, 0xde)
+                for index in range(len(outputs)):
+                    (<_Output>outputs[index]).pack_row(&out, row)
+            else:
+                _put(&out, b"\x80", 1)
+            error = errors[row]
+            _put(&out, b"\xa5error", 6)
+            if error is None:
+                _put(&out, b"\xc0", 1)
+            else:
+                _put(&out, b"\x82\xa4kind", 6)
+                _pack(&out, error[0], value_limit - 1)
+                _put(&out, b"\xa7message", 8)
+                _pack(&out, error[1], value_limit - 1)
+            _put(&out, b"\xa8degraded", 9)
+            _pack(&out, degraded[row], value_limit)
+            _put(&out, b"\xa7lineage", 8)
+            lineage.pack_row(&out, row)
+            _put(&out, b"\xaatimings_us", 11)
+            _put_bytes(&out, timings)
+            _put(&out, b"\xabreceived_ms", 12)
+            received.pack_row(&out, row, False, value_limit)
+            _put(&out, b"\xa7sent_ms", 8)
+            _put_bytes(&out, sent)
+            encoded.append(PyBytes_FromStringAndSize(out.data, out.length))
+    finally:
+        PyMem_Free(out.data)
+    return encoded

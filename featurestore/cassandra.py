@@ -1,0 +1,221 @@
+"""The Cassandra online store: one table per feature view, batched writes, one round of concurrent reads.
+
+Table of a view ``v`` with features ``f1..fn``::
+
+    CREATE TABLE view_v (entity text PRIMARY KEY, f1 <type>, ..., fn <type>, event_ts_ms bigint)
+
+Rows are written ``USING TTL`` the view's TTL (0, i.e. none, when the view has no TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import RoundRobinPolicy
+from cassandra.query import PreparedStatement, tuple_factory
+
+from streamscore.settings import CassandraSettings
+
+from .views import FeatureView
+
+log = logging.getLogger(__name__)
+
+StoredRow = tuple[list[float | None], int]
+"""Feature values in view order (None for a null column) and the row's event timestamp (epoch ms)."""
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """Cassandra did not answer; the message names the host and what to check."""
+
+
+def _ssl_context(settings: CassandraSettings) -> ssl.SSLContext | None:
+    if settings.ssl_cafile is None:
+        return None
+    context = ssl.create_default_context(cafile=str(settings.ssl_cafile))
+    return context
+
+
+def connect(settings: CassandraSettings) -> tuple[Cluster, Session]:
+    """Open a session with tuple rows (cheapest to build) and local-one reads."""
+    auth = None
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth = PlainTextAuthProvider(username=settings.username, password=password)
+    profile = ExecutionProfile(
+        load_balancing_policy=RoundRobinPolicy(),
+        consistency_level=ConsistencyLevel.LOCAL_ONE,
+        request_timeout=settings.request_timeout_s,
+        row_factory=tuple_factory,
+    )
+    cluster = Cluster(
+        contact_points=settings.hosts,
+        port=settings.port,
+        auth_provider=auth,
+        ssl_context=_ssl_context(settings),
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+        connect_timeout=5,
+    )
+    try:
+        session = cluster.connect()
+    except Exception as exc:
+        cluster.shutdown()
+        raise FeatureStoreUnavailable(
+            f"cannot reach Cassandra at {settings.hosts}:{settings.port} ({exc}); is it running? "
+            "(`streamscore stack up` starts a local one)"
+        ) from exc
+    return cluster, session
+
+
+class _ConcurrentRound:
+    """Runs many prepared statements with bounded concurrency on the driver's thread and resolves one asyncio
+    future when all are done, so a batch costs one wake-up of the event loop, not one per key."""
+
+    def __init__(self, session: Session, work: list[tuple[PreparedStatement, tuple]], concurrency: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._session = session
+        self._work = work
+        self._results: list[Any] = [None] * len(work)
+        self._next = 0
+        self._pending = len(work)
+        self._lock = threading.Lock()
+        self._loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self._concurrency = max(1, concurrency)
+
+    def start(self) -> asyncio.Future:
+        if not self._work:
+            self.future.set_result(self._results)
+            return self.future
+        for _ in range(min(self._concurrency, len(self._work))):
+            self._launch_next()
+        return self.future
+
+    def _launch_next(self) -> None:
+        with self._lock:
+            if self._next >= len(self._work):
+                return
+            index = self._next
+            self._next += 1
+        statement, params = self._work[index]
+        try:
+            response = self._session.execute_async(statement, params)
+        except Exception as exc:  # the driver raises synchronously when no host is available
+            self._finish(index, exc)
+            return
+        response.add_callbacks(self._on_rows, self._on_error, callback_args=(index,), errback_args=(index,))
+
+    def _on_rows(self, rows: Any, index: int) -> None:
+        self._finish(index, rows)
+
+    def _on_error(self, exc: BaseException, index: int) -> None:
+        self._finish(index, exc)
+
+    def _finish(self, index: int, result: Any) -> None:
+        self._results[index] = result
+        with self._lock:
+            self._pending -= 1
+            done = self._pending == 0
+        if done:
+            self._loop.call_soon_threadsafe(self._resolve)
+        else:
+            self._launch_next()
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self._results)
+
+
+class CassandraStore:
+    def __init__(self, settings: CassandraSettings, views: dict[str, FeatureView]) -> None:
+        self.settings = settings
+        self.views = views
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._select: dict[str, PreparedStatement] = {}
+        self._insert: dict[str, PreparedStatement] = {}
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("CassandraStore.connect() was not called")
+        return self._session
+
+    def connect(self, create: bool = True) -> None:
+        """Connect, and (by default) create the keyspace and one table per view if they are missing."""
+        self._cluster, self._session = connect(self.settings)
+        if create:
+            self.create_schema()
+        for view in self.views.values():
+            self._prepare(view)
+
+    def create_schema(self) -> None:
+        keyspace = self.settings.keyspace
+        self.session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+            f"{{'class': 'SimpleStrategy', 'replication_factor': {self.settings.replication_factor}}}"
+        )
+        for view in self.views.values():
+            columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
+            self.session.execute(
+                f"CREATE TABLE IF NOT EXISTS {keyspace}.{view.table} "
+                f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)"
+            )
+
+    def _prepare(self, view: FeatureView) -> None:
+        names = ", ".join(view.feature_names)
+        marks = ", ".join("?" for _ in view.features)
+        self._select[view.name] = self.session.prepare(
+            f"SELECT {names}, event_ts_ms FROM {self._table(view)} WHERE entity = ?"
+        )
+        self._insert[view.name] = self.session.prepare(
+            f"INSERT INTO {self._table(view)} (entity, {names}, event_ts_ms) VALUES (?, {marks}, ?) USING TTL ?"
+        )
+
+    def _table(self, view: FeatureView) -> str:
+        return f"{self.settings.keyspace}.{view.table}"
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = self._session = None
+
+    async def put(self, view_name: str, rows: Sequence[tuple[str, list[Any], int]]) -> None:
+        """Write (entity, values in view order, event_ts_ms) rows; raises if any write failed."""
+        view = self.views[view_name]
+        ttl = view.ttl_s or 0
+        work = [(self._insert[view_name], (entity, *values, event_ts, ttl)) for entity, values, event_ts in rows]
+        results = await self._round(work)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            raise FeatureStoreUnavailable(f"{len(failures)} of {len(rows)} writes to {view.table} failed: "
+                                          f"{failures[0]!r}")
+
+    async def get_many(self, requests: Sequence[tuple[str, str]]) -> list[StoredRow | BaseException | None]:
+        """Read (view, entity) pairs in one concurrent round; each result is the row, None, or the error."""
+        work = [(self._select[view_name], (entity,)) for view_name, entity in requests]
+        results = await self._round(work)
+        return [_first_row(result) for result in results]
+
+    async def _round(self, work: list[tuple[PreparedStatement, tuple]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await _ConcurrentRound(self.session, work, self.settings.read_concurrency, loop).start()
+
+
+def _first_row(result: Any) -> StoredRow | BaseException | None:
+    if isinstance(result, BaseException):
+        return result
+    rows = list(result) if result is not None else []
+    if not rows:
+        return None
+    row = rows[0]
+    values = [None if value is None else float(value) for value in row[:-1]]
+    return values, int(row[-1] or 0)

@@ -1,0 +1,1 @@
+"""Kafka side: topic naming, the wire format's Python side, the worker's Faust app, the client SDK."""

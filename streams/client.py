@@ -1,0 +1,200 @@
+"""The client SDK: produce requests, subscribe to predictions, request/reply ``predict``.
+
+    async with Client() as client:
+        await client.produce("fraud", {"id": "t-1", "entities": {...}, "features": {"amount": 12.5}})
+        prediction = await client.predict("fraud", {...}, timeout=5.0)
+        async for prediction in client.subscribe("fraud"):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streamscore.settings import Settings, get_settings
+
+from . import topics
+from .kafka import client_kwargs
+from .wire import now_ms, pack_request, unpack
+
+
+class PredictTimeout(TimeoutError):
+    """No prediction arrived in time; the request may still be answered later on the reply topic."""
+
+
+def _stamped(request: Mapping[str, Any]) -> dict[str, Any]:
+    return {**request, "sent_ms": request.get("sent_ms") or now_ms()}
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, client_id: str | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.client_id = client_id or uuid.uuid4().hex[:12]
+        self._producer: AIOKafkaProducer | None = None
+        self._replies: _ReplyListener | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**client_kwargs(self.settings.kafka), acks="all", linger_ms=2,
+                                          max_batch_size=1 << 20, max_request_size=4 << 20)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._replies is not None:
+            await self._replies.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("Client.start() was not called (or use `async with Client() as client`)")
+        return self._producer
+
+    async def produce(self, model: str, request: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                      key: str | bytes | None = None) -> None:
+        """Send one request, or a list sent as one batch message; waits for Kafka's acknowledgement."""
+        future = await self.send(model, request, key)
+        await future
+
+    async def send(self, model: str, request: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                   key: str | bytes | None = None) -> asyncio.Future:
+        """Queue a request (or a batch message) and return the future of its acknowledgement."""
+        if isinstance(request, Mapping):
+            payload: Any = _stamped(request)
+            key = key if key is not None else _default_key(request)
+        else:
+            payload = [_stamped(element) for element in request]
+        encoded_key = key.encode() if isinstance(key, str) else key
+        return await self.producer.send(topics.requests(self.settings.topic_prefix, model), pack_request(payload),
+                                        key=encoded_key)
+
+    async def produce_many(self, model: str, requests: Iterable[Mapping[str, Any]]) -> int:
+        """Send many single-request messages, pipelined; returns how many were acknowledged."""
+        futures = [await self.send(model, request) for request in requests]
+        await asyncio.gather(*futures)
+        return len(futures)
+
+    async def subscribe(self, model: str | None = None, topic: str | None = None, from_beginning: bool = False,
+                        group_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Predictions of a model (or any topic) as they arrive, decoded."""
+        name = topic or topics.predictions(self.settings.topic_prefix, model or "")
+        consumer = AIOKafkaConsumer(name, **client_kwargs(self.settings.kafka), group_id=group_id,
+                                    auto_offset_reset="earliest" if from_beginning else "latest",
+                                    enable_auto_commit=group_id is not None)
+        await consumer.start()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=2048)
+                for records in batches.values():
+                    for record in records:
+                        yield unpack(record.value)
+        finally:
+            await consumer.stop()
+
+    async def predict(self, model: str, request: Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send one request with ``reply_to`` set to this client's reply topic and wait for its prediction."""
+        if "id" not in request:
+            request = {**request, "id": uuid.uuid4().hex}
+        replies = await self._reply_listener()
+        waiter = replies.expect(str(request["id"]))
+        try:
+            await self.produce(model, {**request, "reply_to": replies.topic})
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise PredictTimeout(f"no prediction for request {request['id']!r} of model {model!r} within "
+                                 f"{timeout} s: is a worker running (`streamscore worker --model {model}`)?"
+                                 ) from None
+        finally:
+            replies.forget(str(request["id"]))
+
+    async def _reply_listener(self) -> _ReplyListener:
+        if self._replies is None:
+            listener = _ReplyListener(self.settings, topics.replies(self.settings.topic_prefix, self.client_id))
+            await listener.start()
+            self._replies = listener
+        return self._replies
+
+
+def _default_key(request: Mapping[str, Any]) -> bytes | None:
+    """The recommended key: the first entity id, so one worker keeps seeing the same entities."""
+    entities = request.get("entities")
+    if isinstance(entities, Mapping) and entities:
+        return str(next(iter(entities.values()))).encode()
+    return None
+
+
+class _ReplyListener:
+    """Consumes this client's reply topic (no group: assigned directly) and resolves waiting predict calls."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings, [self.topic], partitions=1)
+        self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings.kafka), enable_auto_commit=False)
+        await self._consumer.start()
+        partition = TopicPartition(self.topic, 0)
+        self._consumer.assign([partition])
+        await self._consumer.seek_to_end(partition)
+        await self._consumer.position(partition)
+        self._task = asyncio.create_task(self._run())
+
+    def expect(self, request_id: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        return future
+
+    def forget(self, request_id: str) -> None:
+        self._waiters.pop(request_id, None)
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    prediction = unpack(record.value)
+                    waiter = self._waiters.get(str(prediction.get("id")))
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(prediction)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def ensure_topics(settings: Settings, names: Sequence[str], partitions: int) -> None:
+    """Create topics that do not exist yet (single-node friendly replication of 1 unless more brokers)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(name, partitions, 1) for name in names if name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()

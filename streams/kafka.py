@@ -1,0 +1,47 @@
+"""Kafka connection arguments from settings, shared by the worker, the client SDK and the tools."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from streamscore.settings import KafkaSettings
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    if settings.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    return ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments for aiokafka producers, consumers and admin clients."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap,
+        "security_protocol": settings.security_protocol,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return kwargs
+
+
+def faust_broker(settings: KafkaSettings) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in settings.bootstrap.split(",") if host.strip()]
+
+
+def faust_credentials(settings: KafkaSettings) -> Any:
+    import faust
+
+    context = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        return faust.SASLCredentials(username=settings.sasl_username, password=password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None

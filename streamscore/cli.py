@@ -1,0 +1,267 @@
+"""The ``streamscore`` command line: the local stack, the worker, producing, subscribing, features, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import click
+
+from streamscore.settings import Settings, get_settings
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic's message names the variable and the problem
+        raise click.ClickException(f"invalid STREAMSCORE_* settings: {exc}") from exc
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """streamscore: Kafka in, features from Cassandra through Redis, ONNX Runtime, predictions out."""
+
+
+# --- stack ----------------------------------------------------------------------------------------------------
+
+@main.group()
+def stack() -> None:
+    """The local stack: real Kafka, Cassandra and Redis on 127.0.0.1."""
+
+
+def _stack() -> Any:
+    from streamscore.stack import Stack
+
+    return Stack(_settings().stack, echo=click.echo)
+
+
+def _print_status(statuses: list[Any]) -> None:
+    for server in statuses:
+        state = click.style("up", fg="green") if server.up else click.style("down", fg="red")
+        click.echo(f"{server.name:<10} {state:<4}  pid {server.pid or '-':<8} {server.address:<22} "
+                   f"version {server.version or '-':<10} log {server.log_file}"
+                   + (f"  ({server.detail})" if server.detail else ""))
+
+
+def _stack_call(action: str) -> Any:
+    from streamscore.stack import StackError
+
+    try:
+        return getattr(_stack(), action)()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Fetch (first time), start and wait for Kafka, Cassandra and Redis."""
+    _print_status(_stack_call("up"))
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop the servers this stack started and wait until they are gone."""
+    _stack_call("down")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Each server: up or down, pid, port, version."""
+    statuses = _stack_call("status")
+    _print_status(statuses)
+    if not all(server.up for server in statuses):
+        sys.exit(1)
+
+
+@stack.command("logs")
+@click.option("--lines", "-n", default=40, show_default=True, help="Lines of each log.")
+def stack_logs(lines: int) -> None:
+    """The tail of each server's log."""
+    from streamscore.stack import Stack
+
+    for name, text in Stack(_settings().stack, echo=click.echo).logs(lines).items():
+        click.echo(click.style(f"==> {name} <==", bold=True))
+        click.echo(text)
+
+
+# --- worker ---------------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", "models", multiple=True, required=True, help="Model to serve (repeat for several).")
+def worker(models: tuple[str, ...]) -> None:
+    """Run an inference worker (a Faust app, one agent per model) until stopped."""
+    from streamscore.featurestore.views import ViewsError
+    from streamscore.streams.app import run_worker
+    from streamscore.workers.library import ModelError
+
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    try:
+        run_worker(settings, models, loglevel=settings.log_level.lower())
+    except (ModelError, ViewsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# --- produce / subscribe --------------------------------------------------------------------------------------
+
+def _json_lines(stream: TextIO) -> Iterator[Any]:
+    for number, line in enumerate(stream, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise click.ClickException(f"line {number} is not JSON: {exc}") from exc
+
+
+@main.command()
+@click.option("--model", required=True, help="Model whose request topic to produce to.")
+@click.option("--file", "source", type=click.File("r"), default="-", show_default=True,
+              help="JSON lines, one request (or a list of requests: one batch message) per line.")
+@click.option("--generate", type=int, default=None, help="Instead of --file: generate this many demo requests.")
+@click.option("--rate", type=float, default=None, help="Target requests per second (default: as fast as possible).")
+@click.option("--seed", type=int, default=11, show_default=True, help="Seed of the demo request generator.")
+def produce(model: str, source: TextIO, generate: int | None, rate: float | None, seed: int) -> None:
+    """Produce requests: JSON lines in, or a generator at a target rate, with a progress bar."""
+    settings = _settings()
+    if generate is not None:
+        from streamscore.demo.requests import demo_requests
+
+        requests: Any = demo_requests(generate, seed)
+        total: int | None = generate
+    else:
+        requests, total = _json_lines(source), None
+    sent = asyncio.run(_produce(settings, model, requests, total, rate))
+    click.echo(f"produced {sent} messages to {settings.topic_prefix}.{model}.requests", err=True)
+
+
+async def _produce(settings: Settings, model: str, requests: Any, total: int | None, rate: float | None) -> int:
+    from tqdm import tqdm
+
+    from streamscore.streams.client import Client
+
+    async with Client(settings) as client:
+        pending, sent, started = [], 0, time.monotonic()
+        with tqdm(total=total, unit="req", desc="produce", file=sys.stderr) as progress:
+            for request in requests:
+                if rate:
+                    await _pace(started, sent, rate)
+                pending.append(await client.send(model, request))
+                sent += 1
+                if len(pending) >= 1000:
+                    await asyncio.gather(*pending)
+                    progress.update(len(pending))
+                    pending.clear()
+            await asyncio.gather(*pending)
+            progress.update(len(pending))
+    return sent
+
+
+async def _pace(started: float, sent: int, rate: float) -> None:
+    ahead = started + sent / rate - time.monotonic()
+    if ahead > 0:
+        await asyncio.sleep(ahead)
+
+
+@main.command()
+@click.option("--model", default=None, help="Model whose predictions to read.")
+@click.option("--topic", default=None, help="Any topic instead (e.g. a dead-letter topic).")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest message instead of new ones.")
+@click.option("--count", type=int, default=None, help="Stop after this many messages.")
+def subscribe(model: str | None, topic: str | None, from_beginning: bool, count: int | None) -> None:
+    """Print predictions as JSON lines."""
+    if not model and not topic:
+        raise click.UsageError("give --model or --topic")
+    asyncio.run(_subscribe(_settings(), model, topic, from_beginning, count))
+
+
+async def _subscribe(settings: Settings, model: str | None, topic: str | None, from_beginning: bool,
+                     count: int | None) -> None:
+    from streamscore.streams.client import Client
+
+    async with Client(settings) as client:
+        seen = 0
+        async for prediction in client.subscribe(model, topic, from_beginning):
+            click.echo(json.dumps(prediction, default=repr))
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+
+# --- features -------------------------------------------------------------------------------------------------
+
+@main.group()
+def features() -> None:
+    """Write and read feature-view rows (JSON)."""
+
+
+async def _with_store(settings: Settings, action: Any) -> Any:
+    from streamscore.featurestore.store import FeatureStore
+    from streamscore.featurestore.views import load_views
+
+    store = FeatureStore(settings, load_views(settings.views_file))
+    store.connect()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _run_store(action: Any) -> Any:
+    from streamscore.featurestore.cassandra import FeatureStoreUnavailable
+    from streamscore.featurestore.views import ViewsError
+
+    try:
+        return asyncio.run(_with_store(_settings(), action))
+    except (FeatureStoreUnavailable, ViewsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@features.command("put")
+@click.argument("view")
+@click.option("--file", "source", type=click.File("r"), default="-", show_default=True,
+              help='JSON lines: {"entity": "card-1", "features": {...}, "event_ts_ms": 1700000000000}')
+def features_put(view: str, source: TextIO) -> None:
+    """Write rows of a view (event_ts_ms defaults to now)."""
+    rows = []
+    for row in _json_lines(source):
+        if not isinstance(row, dict) or "entity" not in row or not isinstance(row.get("features"), dict):
+            raise click.ClickException(f'each line needs {{"entity": ..., "features": {{...}}}}, got {row!r}')
+        rows.append((str(row["entity"]), row["features"], row.get("event_ts_ms")))
+    written = _run_store(lambda store: store.put(view, rows))
+    click.echo(f"wrote {written} rows to view {view}", err=True)
+
+
+@features.command("get")
+@click.argument("view")
+@click.argument("entities", nargs=-1, required=True)
+def features_get(view: str, entities: tuple[str, ...]) -> None:
+    """Read rows of a view by entity id (through the cache); unknown entities print null."""
+    rows = _run_store(lambda store: store.get(view, list(entities)))
+    click.echo(json.dumps(rows, indent=2))
+
+
+# --- demo -----------------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--requests", "count", type=int, default=20_000, show_default=True, help="Requests to stream.")
+@click.option("--rate", type=float, default=None, help="Target requests per second (default: as fast as possible).")
+@click.option("--keep-stack", is_flag=True, default=True, show_default=True, help="Leave the stack running after.")
+def demo(count: int, rate: float | None, keep_stack: bool) -> None:
+    """Card-fraud scoring end to end: stack, features, model, worker, 20k requests, checked offline."""
+    from streamscore.demo.run import DemoFailed, run_demo
+
+    settings = _settings()
+    _setup_logging("WARNING")
+    try:
+        run_demo(settings, count, rate, echo=click.echo)
+    except DemoFailed as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,194 @@
+"""The mission, end to end: requests on Kafka, features from Cassandra through Redis, ONNX Runtime,
+predictions on Kafka, against the real local stack and a real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from streamscore.streams import topics
+from streamscore.streams.client import Client
+from streamscore.streams.kafka import client_kwargs
+from streamscore.streams.wire import HEADER_ERROR_KIND, HEADER_REQUEST_ID, headers_dict, unpack
+
+from .conftest import MODEL, Deployment, offline_score, offline_scores_of, request
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def _consume(deployment: Deployment, topic: str, until: Any, timeout: float = 60.0,
+                   grace: float = 1.5) -> list[Any]:
+    """Every record of a topic from the beginning until ``until(records)`` holds (then a grace period, so
+    repeats would be seen too) or the timeout."""
+    consumer = AIOKafkaConsumer(topic, **client_kwargs(deployment.settings.kafka), auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline, satisfied_at = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+            if satisfied_at is None and until(records):
+                satisfied_at = time.monotonic()
+            if satisfied_at is not None and time.monotonic() - satisfied_at > grace:
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def _predictions_for(deployment: Deployment, ids: set[str], topic: str | None = None) -> list[dict[str, Any]]:
+    name = topic or topics.predictions(deployment.settings.topic_prefix, MODEL)
+
+    def answered(records: list[Any]) -> bool:
+        return ids <= {unpack(record.value)["id"] for record in records}
+
+    records = asyncio.run(_consume(deployment, name, answered))
+    return [prediction for prediction in (unpack(record.value) for record in records) if prediction["id"] in ids]
+
+
+async def _produce(deployment: Deployment, requests: list[dict[str, Any]]) -> None:
+    async with Client(deployment.settings) as client:
+        await client.produce_many(MODEL, requests)
+
+
+def test_n_requests_give_n_predictions_with_offline_scores(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    cards, merchants = list(deployment.rows["card_stats"]), list(deployment.rows["merchant_stats"])
+    requests = [request(f"n-{run}-{i}", cards[i % len(cards)], merchants[i % len(merchants)], 5.0 + i % 97)
+                for i in range(600)]
+    asyncio.run(_produce(deployment, requests))
+
+    predictions = _predictions_for(deployment, {r["id"] for r in requests})
+
+    counts = Counter(prediction["id"] for prediction in predictions)
+    assert len(counts) == len(requests) and set(counts.values()) == {1}
+    by_id = {prediction["id"]: prediction for prediction in predictions}
+    streamed = np.array([by_id[r["id"]]["outputs"]["fraud_probability"] for r in requests])
+    np.testing.assert_allclose(streamed, offline_scores_of(deployment, requests), atol=1e-5, rtol=0)
+    sample = by_id[requests[0]["id"]]
+    assert sample["status"] == "ok" and sample["degraded"] == [] and sample["model"] == MODEL
+    assert len(sample["lineage"]["artifact_sha256"]) == 64
+    assert sample["lineage"]["feature_ts_ms"]["card_stats"] > 0
+    assert {"decode", "features", "assemble", "infer", "encode"} <= set(sample["timings_us"])
+
+
+def test_feature_update_is_seen_by_later_requests(deployment: Deployment) -> None:
+    from streamscore.featurestore.store import FeatureStore
+    from streamscore.featurestore.views import load_views
+
+    card, merchant = "card-7", "merchant-3"
+    first = f"upd-{uuid.uuid4().hex[:6]}-a"
+    asyncio.run(_produce(deployment, [request(first, card, merchant)]))
+    before = _predictions_for(deployment, {first})[0]["outputs"]["fraud_probability"]
+
+    changed = {**deployment.rows["card_stats"][card], "chargebacks_90d": 6, "txn_count_24h": 40}
+
+    async def update() -> None:
+        store = FeatureStore(deployment.settings, load_views(deployment.settings.views_file))
+        store.connect(create_schema=False)
+        try:
+            await store.put("card_stats", [(card, changed, None)])
+        finally:
+            await store.close()
+
+    asyncio.run(update())
+    second = f"upd-{uuid.uuid4().hex[:6]}-b"
+    asyncio.run(_produce(deployment, [request(second, card, merchant)]))
+    after = _predictions_for(deployment, {second})[0]["outputs"]["fraud_probability"]
+
+    rows = {**deployment.rows, "card_stats": {**deployment.rows["card_stats"], card: changed}}
+    assert abs(after - offline_score(deployment, card, merchant, rows=rows)) <= 1e-5
+    assert abs(before - after) > 1e-4, "the update changed nothing the model sees"
+
+
+def test_missing_entity_gets_defaults_and_degraded(deployment: Deployment) -> None:
+    request_id = f"miss-{uuid.uuid4().hex[:6]}"
+    asyncio.run(_produce(deployment, [request(request_id, "card-unknown-1", "merchant-1")]))
+
+    prediction = _predictions_for(deployment, {request_id})[0]
+
+    assert prediction["status"] == "ok"
+    assert prediction["degraded"] == ["card_stats:missing:card-unknown-1"]
+    assert prediction["lineage"]["feature_ts_ms"]["card_stats"] is None
+    expected = offline_score(deployment, "card-unknown-1", "merchant-1")
+    assert abs(prediction["outputs"]["fraud_probability"] - expected) <= 1e-5
+
+
+def test_expired_deadline_is_answered_expired(deployment: Deployment) -> None:
+    request_id = f"exp-{uuid.uuid4().hex[:6]}"
+    past = time.time_ns() // 1_000_000 - 60_000
+    asyncio.run(_produce(deployment, [request(request_id, "card-1", "merchant-1", deadline_ms=past)]))
+
+    prediction = _predictions_for(deployment, {request_id})[0]
+
+    assert prediction["status"] == "expired"
+    assert prediction["outputs"] == {}
+    assert prediction["error"]["kind"] == "expired"
+
+
+def test_malformed_message_is_dead_lettered_and_its_batch_answered(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    goods = [request(f"mal-{run}-{i}", "card-2", "merchant-2") for i in range(4)]
+    bad_values = [b"\xc1 not msgpack", msgpack.packb({"id": f"mal-{run}-noentities", "features": {"amount": 1.0}})]
+    requests_topic = topics.requests(deployment.settings.topic_prefix, MODEL)
+
+    async def send_interleaved() -> None:
+        producer = AIOKafkaProducer(**client_kwargs(deployment.settings.kafka), linger_ms=50)
+        await producer.start()
+        try:
+            values = [msgpack.packb(goods[0]), bad_values[0], msgpack.packb(goods[1]), msgpack.packb(goods[2]),
+                      bad_values[1], msgpack.packb(goods[3])]
+            futures = [await producer.send(requests_topic, value, key=b"same-partition") for value in values]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send_interleaved())
+    predictions = _predictions_for(deployment, {g["id"] for g in goods})
+    dlq = topics.dead_letters(deployment.settings.topic_prefix, MODEL)
+    letters = asyncio.run(_consume(deployment, dlq, lambda records: any(
+        headers_dict(r.headers).get(HEADER_REQUEST_ID) == f"mal-{run}-noentities" for r in records)))
+
+    assert sorted(p["id"] for p in predictions) == sorted(g["id"] for g in goods)
+    mine = [r for r in letters if r.value in bad_values]
+    assert sorted(headers_dict(r.headers)[HEADER_ERROR_KIND] for r in mine) == ["missing_entity", "undecodable"]
+    assert len(mine) == 2, "each bad message becomes exactly one dead letter"
+
+
+def test_batch_message_gives_one_prediction_per_element(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    batch = [request(f"arr-{run}-{i}", f"card-{i}", f"merchant-{i}", 10.0 * (i + 1)) for i in range(32)]
+
+    async def send() -> None:
+        async with Client(deployment.settings) as client:
+            await client.produce(MODEL, batch)
+
+    asyncio.run(send())
+    predictions = _predictions_for(deployment, {r["id"] for r in batch})
+
+    assert Counter(p["id"] for p in predictions) == Counter(r["id"] for r in batch)
+    by_id = {p["id"]: p["outputs"]["fraud_probability"] for p in predictions}
+    np.testing.assert_allclose([by_id[r["id"]] for r in batch], offline_scores_of(deployment, batch), atol=1e-5)
+
+
+def test_predict_round_trips(deployment: Deployment) -> None:
+    async def ask() -> dict[str, Any]:
+        async with Client(deployment.settings) as client:
+            return await client.predict(MODEL, request("rt-" + uuid.uuid4().hex, "card-9", "merchant-9", 77.0),
+                                        timeout=20)
+
+    prediction = asyncio.run(ask())
+
+    assert prediction["status"] == "ok"
+    expected = offline_score(deployment, "card-9", "merchant-9", 77.0)
+    assert abs(prediction["outputs"]["fraud_probability"] - expected) <= 1e-5

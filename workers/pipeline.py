@@ -1,0 +1,215 @@
+"""The per-batch pipeline: decode -> features -> assemble -> infer -> encode.
+
+It takes the raw messages of one batch and returns what must be published: one prediction per valid
+request (``ok`` or ``expired``, or ``error`` when inference failed) and one dead letter per bad message or
+array element. It publishes nothing itself, so the delivery layer decides when offsets may be committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamscore import __version__, fastpath
+from streamscore.featurestore.store import FeatureStore, FetchedView
+from streamscore.streams import topics
+from streamscore.streams.wire import dead_letter_headers
+
+from .runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_VERSION = "unknown_version"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One consumed message."""
+
+    value: bytes
+    key: bytes | None = None
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One message to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class BatchOutcome:
+    predictions: list[Outbound]
+    dead_letters: list[Outbound]
+    answered: int
+    expired: int
+    timings_us: dict[str, int]
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{commit}"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.marks: dict[str, int] = {}
+        self._last = time.perf_counter_ns()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter_ns()
+        self.marks[stage] = (now - self._last) // 1000
+        self._last = now
+
+
+class BatchPipeline:
+    def __init__(self, model: ModelRuntime, store: FeatureStore, topic_prefix: str,
+                 worker_id: str | None = None) -> None:
+        self.model = model
+        self.store = store
+        self.prefix = topic_prefix
+        self.predictions_topic = topics.predictions(topic_prefix, model.name)
+        self.dlq_topic = topics.dead_letters(topic_prefix, model.name)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.code_version = code_version()
+        self._batch_seq = itertools.count(1)
+
+    async def process(self, batch: Sequence[Inbound]) -> BatchOutcome:
+        clock = _Clock()
+        received_ms = _now_ms()
+        decoded = fastpath.decode_batch([message.value for message in batch], self.model.decode_spec)
+        clock.lap("decode")
+        dead_letters = [self._dead_letter(batch, error) for error in decoded.errors]
+        keep = self._drop_unknown_versions(batch, decoded, dead_letters)
+        status = np.where((decoded.deadline_ms > 0) & (decoded.deadline_ms < received_ms), "expired", "ok")
+        status[~keep] = "skip"
+        live = np.flatnonzero(status == "ok")
+        fetched = await self.store.fetch(
+            [view.name for view in self.model.views],
+            [[column[row] for row in live] for column in decoded.entities],
+        ) if len(live) else []
+        clock.lap("features")
+        inputs = fastpath.assemble(decoded.features[live], [view.block for view in fetched], self.model.columns)
+        clock.lap("assemble")
+        outputs, errors = self._infer(inputs, live, len(decoded))
+        clock.lap("infer")
+        prediction_batch = self._prediction_batch(decoded, status, live, outputs, errors, fetched, received_ms,
+                                                  clock.marks)
+        encoded = fastpath.encode_predictions(prediction_batch, _now_ms())
+        clock.lap("encode")
+        predictions = [
+            Outbound(decoded.reply_to[row] or self.predictions_topic, decoded.ids[row].encode(), value)
+            for row, value in zip(prediction_batch.rows, encoded, strict=True)
+        ]
+        return BatchOutcome(predictions, dead_letters, answered=len(predictions),
+                            expired=int((status == "expired").sum()), timings_us=clock.marks)
+
+    def _drop_unknown_versions(self, batch: Sequence[Inbound], decoded: fastpath.DecodedBatch,
+                               dead_letters: list[Outbound]) -> np.ndarray:
+        keep = np.ones(len(decoded), dtype=bool)
+        for row, version in enumerate(decoded.version):
+            if version is not None and version != self.model.version:
+                keep[row] = False
+                error = fastpath.DecodeError(int(decoded.source[row]), -1, UNKNOWN_VERSION,
+                                             f"version {version!r} is pinned but this worker serves "
+                                             f"{self.model.name} v{self.model.version}", decoded.ids[row])
+                dead_letters.append(self._dead_letter(batch, error))
+        return keep
+
+    def _infer(self, inputs: np.ndarray, live: np.ndarray, rows: int
+               ) -> tuple[dict[str, np.ndarray], tuple[str, str] | None]:
+        """Outputs scattered back to batch rows; on failure, the error every live row is answered with."""
+        if not len(live):
+            return {}, None
+        try:
+            scored = self.model.run(inputs)
+        except Exception as exc:  # a model failure answers the batch with status error, never loses it
+            log.exception("inference failed for a batch of %d requests", len(live))
+            return {}, ("inference_failed", f"{type(exc).__name__}: {exc}")
+        outputs = {}
+        for name, values in scored.items():
+            full = np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
+            full[live] = values
+            outputs[name] = full
+        return outputs, None
+
+    def _prediction_batch(self, decoded: fastpath.DecodedBatch, status: np.ndarray, live: np.ndarray,
+                          outputs: dict[str, np.ndarray], error: tuple[str, str] | None,
+                          fetched: list[FetchedView], received_ms: int, timings: dict[str, int]
+                          ) -> _RowsBatch:
+        rows = np.flatnonzero(status != "skip")
+        degraded: dict[int, list[str]] = {}
+        feature_ts = {view.name: np.zeros(len(decoded), dtype=np.int64) for view in self.model.views}
+        for fetched_view in fetched:
+            name = fetched_view.view.name
+            feature_ts[name][live] = fetched_view.event_ts_ms
+            reason = "unavailable" if fetched_view.unavailable else "missing"
+            column = decoded.entities[self.model.views.index(fetched_view.view)]
+            for live_row in fetched_view.missing:
+                row = int(live[live_row])
+                degraded.setdefault(row, []).append(f"{name}:{reason}:{column[row]}")
+        row_status = [str(status[row]) if error is None or status[row] != "ok" else "error" for row in rows]
+        row_errors = [self._row_error(decoded, int(row), state, error)
+                      for row, state in zip(rows, row_status, strict=True)]
+        return _RowsBatch(
+            rows=rows.tolist(),
+            ids=[decoded.ids[row] for row in rows],
+            model=self.model.name,
+            version=self.model.version,
+            status=row_status,
+            outputs={name: values[rows] for name, values in outputs.items()},
+            errors=row_errors,
+            degraded=[degraded.get(int(row), []) for row in rows],
+            lineage={
+                "artifact_sha256": self.model.manifest.sha256,
+                "code_version": self.code_version,
+                "batch_id": f"{self.worker_id}/{next(self._batch_seq)}",
+                "worker_id": self.worker_id,
+            },
+            feature_ts_ms={name: stamps[rows] for name, stamps in feature_ts.items()},
+            timings_us=dict(timings),
+            received_ms=np.full(len(rows), received_ms, dtype=np.int64),
+        )
+
+    @staticmethod
+    def _row_error(decoded: fastpath.DecodedBatch, row: int, state: str,
+                   error: tuple[str, str] | None) -> tuple[str, str] | None:
+        if state == "expired":
+            return ("expired", f"deadline_ms {int(decoded.deadline_ms[row])} passed before the request was scored")
+        if state == "error":
+            return error
+        return None
+
+    def _dead_letter(self, batch: Sequence[Inbound], error: fastpath.DecodeError) -> Outbound:
+        message = batch[error.message_index]
+        headers = dead_letter_headers(error, self.model.name, message.topic, message.partition, message.offset)
+        return Outbound(self.dlq_topic, message.key, message.value, headers)
+
+
+@dataclass
+class _RowsBatch(fastpath.PredictionBatch):
+    rows: list[int] = field(default_factory=list)
+    """Batch row of each prediction (decoded order)."""
