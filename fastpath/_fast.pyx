@@ -47,7 +47,7 @@ cnp.import_array()
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
-    int PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
     unsigned long long PyLong_AsUnsignedLongLong(object value) except? -1
     Py_ssize_t PY_SSIZE_T_MAX
 
@@ -477,8 +477,8 @@ cdef inline bint _is_topic(const unsigned char* text, Py_ssize_t size) noexcept 
         return False
     for i in range(size):
         c = text[i]
-        if not ((b'a' <= c <= b'z') or (b'A' <= c <= b'Z') or (b'0' <= c <= b'9') or c == b'.' or c == b'_'
-                or c == b'-'):
+        if not ((c'a' <= c <= c'z') or (c'A' <= c <= c'Z') or (c'0' <= c <= c'9') or c == c'.' or c == c'_'
+                or c == c'-'):
             return False
     return True
 
@@ -512,13 +512,13 @@ cdef object _decimal(const _Item* item):
         magnitude = <uint64_t>item.integer
     while True:
         at -= 1
-        digits[at] = <char>(b'0' + magnitude % 10)
+        digits[at] = <char>(c'0' + magnitude % 10)
         magnitude //= 10
         if magnitude == 0:
             break
     if negative:
         at -= 1
-        digits[at] = b'-'
+        digits[at] = c'-'
     return PyUnicode_DecodeUTF8(digits + at, 24 - at, NULL)
 
 
@@ -544,7 +544,7 @@ cdef enum:
 cdef inline int _request_field(const unsigned char* key, Py_ssize_t size) noexcept nogil:
     """Which top-level request field a str key names, or -1."""
     if size == 2:
-        return _F_ID if key[0] == b'i' and key[1] == b'd' else -1
+        return _F_ID if key[0] == c'i' and key[1] == c'd' else -1
     if size == 8:
         if memcmp(key, b"entities", 8) == 0:
             return _F_ENTITIES
@@ -1031,61 +1031,79 @@ cdef Py_ssize_t _wrap_index(Py_ssize_t index, Py_ssize_t size, str axis) except?
     raise IndexError(f"index {index} is out of bounds for {axis} with size {size}")
 
 
+cdef object _dimensions(object values, int ndim, str what):
+    array = np.asarray(values)
+    if array.ndim != ndim:
+        raise IndexError(f"{what} must be {ndim}-dimensional, got {array.ndim} dimension(s)")
+    return array
+
+
+cdef class _Block:
+    """A ViewBlock as float32/intp views, prepared once per assemble call."""
+
+    cdef const float[:, :] values
+    cdef const cnp.intp_t[:] row_of_request
+    cdef const float[:] defaults
+
+    def __cinit__(self, block):
+        self.values = _dimensions(block.values, 2, "a view block's values").astype(np.float32, copy=False)
+        self.row_of_request = _dimensions(block.row_of_request, 1, "row_of_request").astype(np.intp, copy=False)
+        self.defaults = _dimensions(block.defaults, 1, "a view block's defaults").astype(np.float32, copy=False)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef int fill(self, float[:, ::1] matrix, Py_ssize_t out, Py_ssize_t column) except -1:
+        """One output column: each request's row of ``values``, or the view's default where that row is < 0."""
+        cdef Py_ssize_t row, view_row, value_column = -1, default_column = -1
+        cdef Py_ssize_t rows = matrix.shape[0], block_rows = self.values.shape[0]
+        if self.row_of_request.shape[0] < rows:
+            raise IndexError(f"index {self.row_of_request.shape[0]} is out of bounds for axis 0 with size "
+                             f"{self.row_of_request.shape[0]}")
+        for row in range(rows):
+            view_row = self.row_of_request[row]
+            if view_row < 0:
+                if default_column < 0:
+                    default_column = _wrap_index(column, self.defaults.shape[0], "axis 0")
+                matrix[row, out] = self.defaults[default_column]
+            else:
+                if view_row >= block_rows:
+                    raise IndexError(f"index {view_row} is out of bounds for axis 0 with size {block_rows}")
+                if value_column < 0:
+                    value_column = _wrap_index(column, self.values.shape[1], "axis 1")
+                matrix[row, out] = self.values[view_row, value_column]
+        return 0
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef void _copy_column(float[:, ::1] matrix, Py_ssize_t out, const float[:, ::1] request,
+                       Py_ssize_t column) noexcept:
+    cdef Py_ssize_t row
+    for row in range(matrix.shape[0]):
+        matrix[row, out] = request[row, column]
+
+
 def assemble(request_features, blocks, columns):
     """Build the float32 (n x inputs) model input in the manifest's column order."""
-    request = np.asarray(request_features)
-    if request.ndim != 2:
-        raise IndexError(f"request_features must be 2-dimensional, got {request.ndim} dimension(s)")
-    cdef Py_ssize_t rows = request.shape[0], width = len(columns), out, row, view_row, block_rows
-    cdef Py_ssize_t request_width = request.shape[1]
-    matrix = np.empty((rows, width), dtype=np.float32)
-    request = np.ascontiguousarray(request, dtype=np.float32)
-    cdef const float[:, ::1] request_view = request
-    cdef float[:, ::1] matrix_view = matrix
-    cdef Py_ssize_t column
+    request = _dimensions(request_features, 2, "request_features")
+    cdef Py_ssize_t rows = request.shape[0], width = len(columns), out
+    cdef float[:, ::1] matrix = np.empty((rows, width), dtype=np.float32)
+    cdef const float[:, ::1] request_view = np.ascontiguousarray(request, dtype=np.float32)
+    cdef dict prepared = {}  # block index -> _Block: each block converted once
+    cdef _Block block
     for out in range(width):
         source = columns[out]
         if source.from_request:
-            column = _wrap_index(source.column, request_width, "axis 1")
-            for row in range(rows):
-                matrix_view[row, out] = request_view[row, column]
-        else:
-            _fill_from_block(matrix_view, out, blocks[source.block], source.column, rows)
-    return matrix
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef int _fill_from_block(float[:, ::1] matrix, Py_ssize_t out, object block, Py_ssize_t column,
-                          Py_ssize_t rows) except -1:
-    """One output column from a view block: the request's row of ``values``, or the default when it is < 0."""
-    if rows == 0:
-        return 0
-    values = np.asarray(block.values)
-    if values.ndim != 2:
-        raise IndexError(f"a view block's values must be 2-dimensional, got {values.ndim} dimension(s)")
-    cdef const float[:, :] values_view = values.astype(np.float32, copy=False)
-    cdef const cnp.intp_t[:] row_of = np.asarray(block.row_of_request).astype(np.intp, copy=False)
-    cdef const float[:] defaults = np.atleast_1d(np.asarray(block.defaults)).astype(np.float32, copy=False)
-    cdef Py_ssize_t row, view_row, value_column = -1, default_column = -1
-    cdef Py_ssize_t block_rows = values_view.shape[0]
-    if row_of.shape[0] < rows:
-        raise IndexError(f"index {row_of.shape[0]} is out of bounds for axis 0 with size {row_of.shape[0]}")
-    for row in range(rows):
-        view_row = row_of[row]
-        if view_row < 0:
-            if default_column < 0:
-                default_column = _wrap_index(column, defaults.shape[0], "axis 0")
-            matrix[row, out] = defaults[default_column]
-        else:
-            if view_row >= block_rows:
-                raise IndexError(f"index {view_row} is out of bounds for axis 0 with size {block_rows}")
-            if value_column < 0:
-                value_column = _wrap_index(column, values_view.shape[1], "axis 1")
-            matrix[row, out] = values_view[view_row, value_column]
-    return 0
+            _copy_column(matrix, out, request_view, _wrap_index(source.column, request_view.shape[1], "axis 1"))
+            continue
+        view_block = blocks[source.block]
+        if rows == 0:  # the twin reads nothing more from a block when there is no row
+            continue
+        block = prepared.get(id(view_block))
+        if block is None:
+            block = prepared[id(view_block)] = _Block(view_block)
+        block.fill(matrix, out, source.column)
+    return matrix.base
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1274,7 +1292,7 @@ cdef class _Output:
     cdef Py_ssize_t width  # -1 for one value per row
 
     def __cinit__(self, name, values):
-        self.name = _packed(name, _RECURSE_LIMIT - 3)
+        self.name = _packed(name, _RECURSE_LIMIT - 2)
         self.values = values
         self.typed = _typed_column(values, "fiub", np.float64, 2)
         if self.typed is not None:
@@ -1286,7 +1304,7 @@ cdef class _Output:
         cdef Py_ssize_t column
         _put(out, PyBytes_AS_STRING(self.name), PyBytes_GET_SIZE(self.name))
         if self.typed is None:
-            return _pack(out, _output_value(self.values, row), _RECURSE_LIMIT - 3)
+            return _pack(out, _output_value(self.values, row), _RECURSE_LIMIT - 2)
         if row >= self.rows:
             raise IndexError(f"index {row} is out of bounds for axis 0 with size {self.rows}")
         if self.width < 0:

@@ -198,3 +198,31 @@ async def ensure_topics(settings: Settings, names: Sequence[str], partitions: in
                 await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
+    """Partition numbers of an existing topic (empty when it does not exist)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(p["partition"] for entry in described if entry.get("error_code") == 0
+                  for p in entry["partitions"])
+
+
+async def tail_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
+    """A group-less consumer assigned every partition of ``topic`` and positioned at its end, before the
+    caller produces anything: nothing produced afterwards can be missed (unlike a 'latest' subscription,
+    whose position is only taken once the assignment arrives)."""
+    partitions = [TopicPartition(topic, number) for number in await partitions_of(settings, topic)]
+    if not partitions:
+        raise ValueError(f"topic {topic!r} does not exist")
+    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for partition in partitions:
+        await consumer.position(partition)
+    return consumer

@@ -253,15 +253,15 @@ def features_get(view: str, entities: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--requests", "count", type=int, default=20_000, show_default=True, help="Requests to stream.")
-@click.option("--rate", type=float, default=None, help="Target requests per second (default: as fast as possible).")
-@click.option("--keep-stack", is_flag=True, default=True, show_default=True, help="Leave the stack running after.")
-def demo(count: int, rate: float | None, keep_stack: bool) -> None:
+@click.option("--rate", type=float, default=1500.0, show_default=True,
+              help="Offered requests per second; 0 sends as fast as possible (latency then measures the backlog).")
+def demo(count: int, rate: float) -> None:
     """Card-fraud scoring end to end: stack, features, model, worker, 20k requests, checked offline."""
     from streamscore.demo.run import DemoFailed, run_demo
 
     settings = _settings()
     _setup_logging("WARNING")
     try:
-        run_demo(settings, count, rate, echo=click.echo)
+        run_demo(settings, count, rate or None, echo=click.echo)
     except DemoFailed as exc:
         raise click.ClickException(str(exc)) from exc

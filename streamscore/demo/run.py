@@ -28,7 +28,7 @@ from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import load_views
 from streamscore.settings import Settings
 from streamscore.streams import topics
-from streamscore.streams.client import Client, PredictTimeout, ensure_topics
+from streamscore.streams.client import Client, PredictTimeout, ensure_topics, tail_consumer
 
 from .data import feature_matrix, generate_feature_rows, generate_transactions, write_views
 from .model import build_and_register, offline_scores
@@ -138,20 +138,10 @@ def _stop_worker(worker: subprocess.Popen) -> None:
 
 async def _stream(settings: Settings, requests: list[dict[str, Any]], rate: float | None
                   ) -> tuple[dict[str, dict], dict[str, int]]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from streamscore.streams.kafka import client_kwargs
     from streamscore.streams.wire import unpack
 
     topic = topics.predictions(settings.topic_prefix, MODEL)
-    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
-    await consumer.topics()  # fetches metadata, so partitions_for_topic knows every partition
-    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [0])]
-    consumer.assign(partitions)
-    await consumer.seek_to_end(*partitions)
-    for partition in partitions:
-        await consumer.position(partition)
+    consumer = await tail_consumer(settings, topic)
     wanted = {request["id"] for request in requests}
     predictions: dict[str, dict] = {}
     arrivals: dict[str, int] = {}
