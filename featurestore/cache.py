@@ -17,6 +17,8 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from streamscore.settings import RedisSettings
@@ -38,7 +40,8 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
         ssl=settings.ssl,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
-        retry_on_timeout=False,
+        # no retries: a Redis that does not answer is bypassed, and the batch goes on from Cassandra
+        retry=Retry(NoBackoff(), 0),
     )
 
 

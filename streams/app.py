@@ -23,6 +23,7 @@ from streamscore.workers.pipeline import BatchOutcome, BatchPipeline, Inbound, O
 from streamscore.workers.runtime import load_model
 
 from . import topics
+from .client import ensure_topics
 from .kafka import faust_broker, faust_credentials
 from .wire import HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_MODEL, HEADER_SOURCE
 
@@ -145,6 +146,10 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 4 * settings.worker.batch_max),
     )
+    prefix = settings.topic_prefix
+    asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
+        topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model))],
+        partitions=settings.worker.partitions))
     publisher = Publisher(app)
     agents: dict[str, ModelAgent] = {}
     for name in model_names:

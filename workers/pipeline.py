@@ -112,7 +112,8 @@ class BatchPipeline:
             [[column[row] for row in live] for column in decoded.entities],
         ) if len(live) else []
         clock.lap("features")
-        inputs = fastpath.assemble(decoded.features[live], [view.block for view in fetched], self.model.columns)
+        inputs = fastpath.assemble(decoded.features[live], [view.block for view in fetched],
+                                   self.model.columns) if len(live) else None
         clock.lap("assemble")
         outputs, errors = self._infer(inputs, live, len(decoded))
         clock.lap("infer")
@@ -139,10 +140,10 @@ class BatchPipeline:
                 dead_letters.append(self._dead_letter(batch, error))
         return keep
 
-    def _infer(self, inputs: np.ndarray, live: np.ndarray, rows: int
+    def _infer(self, inputs: np.ndarray | None, live: np.ndarray, rows: int
                ) -> tuple[dict[str, np.ndarray], tuple[str, str] | None]:
         """Outputs scattered back to batch rows; on failure, the error every live row is answered with."""
-        if not len(live):
+        if inputs is None:
             return {}, None
         try:
             scored = self.model.run(inputs)

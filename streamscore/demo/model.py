@@ -48,14 +48,15 @@ OUTPUTS = [
 
 
 def _classifier(seed: int, max_iter: int) -> MLPClassifier:
-    # Early stopping on a 10% validation split: stops once the validation score has not improved for 10
-    # epochs, which on this data happens well before max_iter (about 20-40 epochs).
-    return MLPClassifier(hidden_layer_sizes=(32, 16), alpha=1e-4, batch_size=256, learning_rate_init=1e-3,
-                         max_iter=max_iter, early_stopping=True, validation_fraction=0.1,
-                         n_iter_no_change=10, random_state=seed)
+    # Trained to convergence of the training loss (no early stopping: sklearn's early stopping scores the
+    # validation split by accuracy, which on ~3% positives prefers "never fraud" and can keep a useless
+    # first-epoch model). A fairly strong L2 penalty (alpha) stands in for it: it keeps the net from
+    # overfitting the few positives, from 8k to 60k transactions, and converges in about 30-200 epochs.
+    return MLPClassifier(hidden_layer_sizes=(32, 16), alpha=0.3, batch_size=256, learning_rate_init=1e-3,
+                         max_iter=max_iter, tol=1e-4, n_iter_no_change=10, random_state=seed)
 
 
-def train(seed: int, n_train: int = 60_000, *, max_iter: int = 200) -> Pipeline:
+def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300) -> Pipeline:
     """Train StandardScaler + MLP on ``n_train`` labelled transactions (float32 features, as served)."""
     rows = generate_feature_rows(seed)
     transactions = generate_transactions(rows, n_train, seed + TRAIN_OFFSET)
@@ -120,7 +121,7 @@ def _manifest(n_train: int, auc: float) -> dict[str, Any]:
 
 
 def build_and_register(models_dir: Path, seed: int = 7, *, n_train: int = 60_000,
-                       max_iter: int = 200) -> tuple[Manifest, Pipeline]:
+                       max_iter: int = 300) -> tuple[Manifest, Pipeline]:
     """Train, export and register ``fraud`` v1 in ``models_dir``; returns its manifest and the pipeline."""
     pipeline = train(seed, n_train, max_iter=max_iter)
     auc = holdout_auc(pipeline, seed)
