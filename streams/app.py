@@ -1,13 +1,15 @@
-"""The worker: a Faust app with one agent per model on ``<prefix>.<model>.requests``.
+"""The worker: a Faust app with one agent per model.
 
-Each agent takes batches bounded by size and time, runs the model's pipeline, publishes the predictions and
-dead letters, and only returns once Kafka acknowledged all of them. Faust acks a batch's events after the
-agent returns from it, and commits acked offsets: a crash may repeat a batch, never lose one.
+The request topics ``<prefix>.<model>.requests`` are consumed in batches by ``BatchDelivery`` (a service of
+the app, see ``delivery.py`` for why below Faust's stream layer); each batch reaches its model's agent as one
+event. The agent runs the pipeline and queues the predictions and dead letters as producer batches; the
+batch's offsets are committed once Kafka acknowledged all of them: a crash may repeat a batch, never lose one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -24,80 +26,56 @@ from streamscore.workers.runtime import load_model
 
 from . import topics
 from .client import ensure_topics
+from .delivery import BatchDelivery, Flight
 from .kafka import faust_broker, faust_credentials
 from .wire import HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_MODEL, HEADER_SOURCE
 
 log = logging.getLogger(__name__)
 
 _PIPELINE_ATTEMPTS = 3
-_PUBLISH_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-
-
-class Publisher:
-    """Sends a batch's messages with the app's producer and waits for Kafka's acknowledgement of every one.
-    Failed sends are retried (only those), so a batch is acknowledged whole before its offsets move."""
-
-    def __init__(self, app: faust.App) -> None:
-        self.app = app
-        self.retries = 0
-
-    async def publish(self, messages: Sequence[Outbound]) -> None:
-        pending = list(messages)
-        attempt = 0
-        while pending:
-            failed = await self._send_all(pending)
-            if not failed:
-                return
-            delay = _PUBLISH_BACKOFF_S[min(attempt, len(_PUBLISH_BACKOFF_S) - 1)]
-            log.warning("%d of %d messages were not acknowledged by Kafka (%r); retrying in %.1f s",
-                        len(failed), len(pending), failed[0][1], delay)
-            self.retries += len(failed)
-            attempt += 1
-            pending = [message for message, _ in failed]
-            await asyncio.sleep(delay)
-
-    async def _send_all(self, messages: Sequence[Outbound]) -> list[tuple[Outbound, BaseException]]:
-        producer = self.app.producer
-        futures: list[Any] = []
-        for message in messages:
-            try:
-                futures.append(await producer.send(message.topic, message.key, message.value, None, None,
-                                                   message.headers))
-            except Exception as exc:  # the send could not even be queued: retried like a failed ack
-                futures.append(_failed(exc))
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        return [(message, result) for message, result in zip(messages, results, strict=True)
-                if isinstance(result, BaseException)]
-
-
-def _failed(exc: BaseException) -> asyncio.Future:
-    future: asyncio.Future = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future
 
 
 class ModelAgent:
-    """Everything one model's agent needs: the pipeline, the publisher and the counters it reports."""
+    """Everything one model's agent needs: the pipeline, the delivery (for its publisher) and counters."""
 
-    def __init__(self, pipeline: BatchPipeline, publisher: Publisher) -> None:
+    def __init__(self, pipeline: BatchPipeline) -> None:
         self.pipeline = pipeline
-        self.publisher = publisher
+        self.delivery: BatchDelivery | None = None
         self.answered = 0
+        self.expired = 0
         self.dead_lettered = 0
         self.batches = 0
+        self.requests_per_batch = 0.0
         self.last_timings: dict[str, int] = {}
 
-    async def handle(self, batch: list[Inbound]) -> None:
-        outcome = await self._process(batch)
-        await self.publisher.publish([*outcome.predictions, *outcome.dead_letters])
+    async def handle(self, flight: Flight) -> None:
+        """Score a batch and queue its messages; the flight is acknowledged once Kafka has all of them."""
+        assert self.delivery is not None and self.delivery.publisher is not None
+        outcome = await self._process(flight.records)
+        acked = await self._queue([*outcome.predictions, *outcome.dead_letters])
+        acked.add_done_callback(lambda _: _resolve(flight.acked))
         self.batches += 1
         self.answered += outcome.answered
+        self.expired += outcome.expired
         self.dead_lettered += len(outcome.dead_letters)
+        self.requests_per_batch = 0.9 * self.requests_per_batch + 0.1 * len(flight.records)
         self.last_timings = outcome.timings_us
 
+    async def _queue(self, messages: list[Outbound]) -> asyncio.Future:
+        """Hand the messages to the producer; if even that fails (no metadata: the broker is away), wait and
+        try again: the batch is never dropped, and its offsets do not move until it is acknowledged."""
+        assert self.delivery is not None and self.delivery.publisher is not None
+        for attempt in itertools.count():
+            try:
+                return await self.delivery.publisher.publish(messages)
+            except Exception as exc:
+                log.warning("could not queue %d messages (%r); trying again", len(messages), exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
-        """Run the pipeline; a batch that keeps failing is dead-lettered whole rather than lost or retried
-        forever (Faust acks the events once the agent returns, whatever happened)."""
+        """Run the pipeline; a batch that keeps failing is dead-lettered whole rather than lost, or retried
+        forever while it holds up its partitions (a poison batch)."""
         for attempt in range(1, _PIPELINE_ATTEMPTS + 1):
             try:
                 return await self.pipeline.process(batch)
@@ -118,13 +96,14 @@ class ModelAgent:
         return Outbound(self.pipeline.dlq_topic, message.key, message.value, headers)
 
 
-def _inbound(event: Any) -> Inbound:
-    message = event.message
-    return Inbound(message.value, message.key, message.topic, message.partition, message.offset)
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.App, dict[str, ModelAgent]]:
-    """Build the worker app: load the views and models, connect the feature store, declare one agent per model."""
+    """Build the worker app: load the views and models, connect the feature store, declare one agent per model
+    and the batch delivery that feeds them."""
     views = load_views(settings.views_file)
     store = FeatureStore(settings, views)
     store.connect()
@@ -137,27 +116,47 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         value_serializer="raw",
         topic_partitions=settings.worker.partitions,
         topic_replication_factor=1,
-        consumer_auto_offset_reset="earliest",
         web_port=settings.worker.web_port,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
-        producer_acks=-1,
-        producer_linger_ms=2,
-        broker_commit_interval=1.0,
-        stream_buffer_maxsize=max(4096, 4 * settings.worker.batch_max),
     )
     prefix = settings.topic_prefix
     asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
         topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model))],
         partitions=settings.worker.partitions))
-    publisher = Publisher(app)
     agents: dict[str, ModelAgent] = {}
+    channels: dict[str, Any] = {}
     for name in model_names:
         runtime = load_model(settings.models_dir, name, views, settings.worker)
-        agents[name] = ModelAgent(BatchPipeline(runtime, store, settings.topic_prefix, settings.worker.worker_id),
-                                  publisher)
-        _declare_agent(app, settings, agents[name])
+        agents[name] = ModelAgent(BatchPipeline(runtime, store, prefix, settings.worker.worker_id))
+        channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
+    _declare_services(app, settings, store, agents, channels)
     _declare_reporting(app, agents)
+    return app, agents
+
+
+def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
+    """A Faust agent reading whole batches (Flights) from an in-memory channel: one event per batch."""
+    name = agent.pipeline.model.name
+    channel = app.channel(maxsize=8)
+
+    async def score(stream: Any) -> None:
+        async for flight in stream:
+            await agent.handle(flight)
+
+    score.__name__ = f"score_{name.replace('-', '_')}"
+    app.agent(channel, name=f"score-{name}", concurrency=1)(score)
+    return channel
+
+
+def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, agents: dict[str, ModelAgent],
+                      channels: dict[str, Any]) -> None:
+    @app.service
+    class Delivery(BatchDelivery):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(settings, channels, **kwargs)
+            for agent in agents.values():
+                agent.delivery = self
 
     @app.service
     class FeatureStoreService(mode.Service):
@@ -166,23 +165,6 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         async def on_stop(self) -> None:
             await store.close()
 
-    return app, agents
-
-
-def _declare_agent(app: faust.App, settings: Settings, agent: ModelAgent) -> None:
-    name = agent.pipeline.model.name
-    topic = app.topic(topics.requests(settings.topic_prefix, name), key_type=bytes, value_type=bytes)
-    app.topic(agent.pipeline.predictions_topic, key_type=bytes, value_type=bytes)
-    app.topic(agent.pipeline.dlq_topic, key_type=bytes, value_type=bytes)
-    batch_max, window_s = settings.worker.batch_max, settings.worker.batch_window_ms / 1000
-
-    async def score(stream: Any) -> None:  # faust.Stream; take_events is missing from StreamT
-        async for events in stream.take_events(batch_max, within=window_s):
-            await agent.handle([_inbound(event) for event in events])
-
-    score.__name__ = f"score_{name.replace('-', '_')}"
-    app.agent(topic, name=f"score-{name}", concurrency=1)(score)
-
 
 def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent]) -> None:
     started = time.monotonic()
@@ -190,14 +172,16 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent]) -> None:
     @app.timer(interval=10.0)
     async def report() -> None:
         for name, agent in agents.items():
-            log.info("%s: %d answered, %d dead-lettered, %d batches in %.0f s; last batch stage times (us): %s",
-                     name, agent.answered, agent.dead_lettered, agent.batches, time.monotonic() - started,
-                     agent.last_timings)
+            log.info("%s: %d answered (%d expired), %d dead-lettered, %d batches (%.0f requests each) in %.0f s; "
+                     "last batch stage times (us): %s", name, agent.answered, agent.expired, agent.dead_lettered,
+                     agent.batches, agent.requests_per_batch, time.monotonic() - started, agent.last_timings)
 
     @app.page("/status")
     async def status(web: Any, request: Any) -> Any:
-        return web.json({name: {"answered": agent.answered, "dead_lettered": agent.dead_lettered,
-                                "batches": agent.batches, "model_version": agent.pipeline.model.version,
+        return web.json({name: {"answered": agent.answered, "expired": agent.expired,
+                                "dead_lettered": agent.dead_lettered, "batches": agent.batches,
+                                "model_version": agent.pipeline.model.version,
+                                "artifact_sha256": agent.pipeline.model.manifest.sha256,
                                 "provider": agent.pipeline.model.provider, "last_timings_us": agent.last_timings}
                          for name, agent in agents.items()})
 

@@ -104,6 +104,8 @@ class WorkerSettings(_Strict):
     """Most requests handled as one batch."""
     batch_window_ms: int = 10
     """Longest wait to fill a batch before it is processed anyway."""
+    max_batches_in_flight: int = 4
+    """Batches fetched but not yet acknowledged and committed; bounds memory and repeats after a crash."""
     partitions: int = 4
     """Partitions created for request topics the worker creates."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,106 @@
+"""Profile a worker under load and report the share of CPU time per pipeline stage.
+
+Preloads a backlog of demo requests into a fresh topic prefix, starts `streamscore worker` under py-spy, lets
+it drain the backlog, and classifies every stack sample by the innermost pipeline stage it is in. Writes
+``bench/results/profile_<label>.json`` and a short table. Run from the checkout:
+
+    .venv/bin/python bench/profile_worker.py --label after --requests 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# Innermost match wins: a stack is charged to the deepest frame that names a stage.
+STAGES = [
+    ("decode", ("decode_batch",)),
+    ("features", ("FeatureStore.fetch", "FeatureStore._rows", "FeatureCache.", "CassandraStore.", "_ConcurrentRound",
+                  "store.py", "cache.py", "cassandra/")),
+    ("assemble", ("assemble",)),
+    ("infer", ("ModelRuntime.run", "InferenceSession.run", "onnxruntime")),
+    ("encode", ("encode_predictions",)),
+    ("publish", ("Publisher.", "publish", "producer", "send_batch", "create_batch")),
+    ("pipeline other", ("BatchPipeline.", "pipeline.py")),
+    ("kafka consume", ("getmany", "fetcher.py", "consumer.py", "aiokafka")),
+    ("faust/mode", ("faust/", "mode/")),
+    ("asyncio", ("asyncio/",)),
+]
+
+
+def classify(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for stage, needles in STAGES:
+            if any(needle in frame for needle in needles):
+                return stage
+    return "other"
+
+
+async def preload(env: dict[str, str], count: int) -> None:
+    from streamscore.demo.requests import demo_requests
+    from streamscore.settings import Settings
+    from streamscore.streams import topics
+    from streamscore.streams.client import Client, ensure_topics
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        settings = Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    await ensure_topics(settings, [topics.requests(settings.topic_prefix, "fraud"),
+                                   topics.predictions(settings.topic_prefix, "fraud")], settings.worker.partitions)
+    async with Client(settings) as client:
+        futures = [await client.send("fraud", request) for request in demo_requests(count, seed=23)]
+        await asyncio.gather(*futures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--seconds", type=int, default=20, help="How long py-spy records.")
+    args = parser.parse_args()
+    env = {"STREAMSCORE_TOPIC_PREFIX": f"prof{uuid.uuid4().hex[:6]}", "STREAMSCORE_WORKER__WEB_PORT": "6099"}
+    print(f"preloading {args.requests} requests under prefix {env['STREAMSCORE_TOPIC_PREFIX']}", file=sys.stderr)
+    asyncio.run(preload(env, args.requests))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / f"profile_{args.label}.collapsed"
+    worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", "fraud"],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(6)  # model load and group join happen before the backlog is touched
+        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(worker.pid),
+                        "--duration", str(args.seconds), "--rate", "250", "--format", "raw", "--nonblocking",
+                        "--output", str(raw)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    shares: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        shares[classify(stack)] += int(count)
+    total = sum(shares.values()) or 1
+    report = {"label": args.label, "requests": args.requests, "samples": total,
+              "share": {stage: round(count / total, 4) for stage, count in shares.most_common()}}
+    (RESULTS / f"profile_{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"| stage | share of samples ({args.label}) |\n|---|---|")
+    for stage, share in report["share"].items():
+        print(f"| {stage} | {share:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
