@@ -1,8 +1,9 @@
 """The Redis cache tier in front of the online store.
 
-Key: ``<prefix>:fv:<view>:<entity>``. Value: msgpack ``[event_ts_ms, v1, ..., vn]`` for a found row, or
-``[]`` for an entity the store does not have (a negative entry, so unknown entities do not hit Cassandra on
-every request). Entries expire after ``cache_ttl_s`` and are deleted when the row is written.
+Key: ``<prefix>:fv:<view>:<entity>``. Value: the row packed as little-endian ``int64 event_ts_ms`` followed by
+one ``float64`` per feature (fixed width per view, so a whole batch of hits is parsed with one numpy call),
+or the one byte ``-`` for an entity the store does not have (a negative entry, so unknown entities do not
+hit Cassandra on every request). Entries expire after ``cache_ttl_s`` and are deleted when the row is written.
 
 Redis is an accelerator, never a dependency: when it does not answer, reads and invalidations are skipped,
 a warning is logged (once per outage) and ``bypassed`` counts the batches that went straight to Cassandra.
@@ -11,19 +12,17 @@ a warning is logged (once per outage) and ``bypassed`` counts the batches that w
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Sequence
-from typing import Any
 
-import msgpack
+import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from streamscore.settings import RedisSettings
-
-from .cassandra import StoredRow
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +63,9 @@ class FeatureCache:
     def available(self) -> bool:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
-    async def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredRow | bool | None] | None:
-        """Cached rows for (view, entity) pairs: the row, None (known missing) or False (not cached).
-        Returns None when the cache is down, so the caller reads everything from the store."""
+    async def get_many(self, keys: Sequence[tuple[str, str]]) -> list[bytes | None] | None:
+        """Raw cached values for (view, entity) pairs (None where not cached), or None when Redis is down
+        and the caller must read everything from the store."""
         if not keys:
             return []
         if not self.available:
@@ -79,20 +78,19 @@ class FeatureCache:
             self.bypassed += 1
             return None
         self._mark_up()
-        found = [_unpack(value) for value in raw]  # bytes: the client does not decode responses
-        hit_count = sum(1 for value in found if value is not False)
+        hit_count = len(raw) - raw.count(None)
         self.hits += hit_count
-        self.misses += len(found) - hit_count
-        return found
+        self.misses += len(raw) - hit_count
+        return raw  # type: ignore[return-value]  # bytes: the client does not decode responses
 
-    async def put_many(self, entries: Sequence[tuple[str, str, StoredRow | None]]) -> None:
-        """Cache rows read from the store (None caches 'missing')."""
+    async def put_many(self, entries: Sequence[tuple[str, str, bytes]]) -> None:
+        """Cache packed rows (see ``pack_row``) read from the store."""
         if not entries or not self.available:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for view, entity, row in entries:
-                    pipe.set(self.key(view, entity), _pack(row), ex=self.settings.cache_ttl_s)
+                for view, entity, packed in entries:
+                    pipe.set(self.key(view, entity), packed, ex=self.settings.cache_ttl_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
@@ -126,22 +124,14 @@ class FeatureCache:
         await self.client.aclose()
 
 
-def _pack(row: StoredRow | None) -> bytes:
-    if row is None:
-        return msgpack.packb([])
-    values, event_ts = row
-    return msgpack.packb([event_ts, *values])
+MISSING = b"-"
+"""Cached value of an entity the store does not have."""
 
 
-def _unpack(raw: Any) -> StoredRow | bool | None:
-    if raw is None:
-        return False
-    try:
-        decoded = msgpack.unpackb(raw)
-    except Exception:  # a corrupt entry is a miss, never a failure
-        return False
-    if not isinstance(decoded, list):
-        return False
-    if not decoded:
-        return None
-    return list(decoded[1:]), int(decoded[0])
+def row_dtype(features: int) -> np.dtype:
+    """Layout of a cached row: event timestamp, then the features in view order."""
+    return np.dtype([("ts", "<i8"), ("values", "<f8", (features,))])
+
+
+def pack_row(values: Sequence[float], event_ts_ms: int) -> bytes:
+    return struct.pack(f"<q{len(values)}d", event_ts_ms, *values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from streamscore.fastpath import ViewBlock
 from streamscore.settings import Settings
 
-from .cache import FeatureCache
+from .cache import MISSING, FeatureCache, pack_row, row_dtype
 from .cassandra import CassandraStore, FeatureStoreUnavailable, StoredRow
 from .views import FeatureView
 
@@ -30,12 +30,72 @@ class FetchedView:
     """int64 (n,): event timestamp of the row each request used, 0 where defaults were used."""
     missing: list[int]
     """Request rows that got the view's defaults (entity unknown or the store unreachable)."""
-    unavailable: bool = False
-    """True when Cassandra could not be read for some of this batch's entities."""
+    unavailable_rows: list[int] = field(default_factory=list)
+    """The rows of ``missing`` whose entity could not be read (Cassandra did not answer), not unknown."""
+    exact_values: np.ndarray | None = None
+    """float64 values behind block.values (same rows), for readers that want more than float32."""
 
 
-def _as_float_row(view: FeatureView, values: Sequence[float | None]) -> list[float]:
-    return [default if value is None else float(value) for value, default in zip(values, view.defaults, strict=True)]
+_UNKNOWN, _FOUND, _ABSENT, _UNAVAILABLE = 0, 1, 2, 3
+
+
+class _ViewTable:
+    """One view's rows for one batch, filled from the cache, then from Cassandra for the misses."""
+
+    def __init__(self, view: FeatureView, column: Sequence[str]) -> None:
+        self.view = view
+        self.column = column
+        self.entities = list(dict.fromkeys(column))
+        count, width = len(self.entities), len(view.features)
+        self.values = np.zeros((count, width), dtype=np.float64)
+        self.stamps = np.zeros(count, dtype=np.int64)
+        self.state = np.zeros(count, dtype=np.int8)
+        self.defaults = np.asarray(view.defaults, dtype=np.float64)
+        self.dtype = row_dtype(width)
+
+    def take_cached(self, raw: list[bytes | None] | None) -> None:
+        if raw is None:
+            return
+        width = self.dtype.itemsize  # a value of another width is an old or corrupt entry: a miss
+        hits = [position for position, value in enumerate(raw) if value is not None and len(value) == width]
+        if hits:
+            rows = np.frombuffer(b"".join([raw[position] for position in hits]), dtype=self.dtype)  # type: ignore[misc]
+            self.values[hits] = rows["values"]
+            self.stamps[hits] = rows["ts"]
+            self.state[hits] = _FOUND
+        absent = [position for position, value in enumerate(raw) if value == MISSING]
+        self.state[absent] = _ABSENT
+
+    def miss_positions(self) -> list[int]:
+        return np.flatnonzero(self.state == _UNKNOWN).tolist()
+
+    def take_stored(self, position: int, row: StoredRow | BaseException | None) -> bytes | None:
+        """Record a row read from Cassandra; returns what to cache (None: cache nothing)."""
+        if isinstance(row, BaseException):
+            self.state[position] = _UNAVAILABLE
+            return None
+        if row is None:
+            self.state[position] = _ABSENT
+            return MISSING
+        values = [default if value is None else value for value, default in zip(row[0], self.view.defaults,
+                                                                                strict=True)]
+        self.values[position] = values
+        self.stamps[position] = row[1]
+        self.state[position] = _FOUND
+        return pack_row(values, row[1])
+
+    def fetched(self) -> FetchedView:
+        index = {entity: position for position, entity in enumerate(self.entities)}
+        entity_of_request = np.fromiter((index[entity] for entity in self.column), dtype=np.int64,
+                                        count=len(self.column))
+        found = self.state == _FOUND
+        row_of_request = np.where(found[entity_of_request], entity_of_request, -1).astype(np.int32)
+        event_ts = np.where(row_of_request >= 0, self.stamps[entity_of_request], 0).astype(np.int64)
+        block = ViewBlock(values=self.values.astype(np.float32), row_of_request=row_of_request,
+                          defaults=self.defaults.astype(np.float32))
+        missing = np.flatnonzero(row_of_request < 0).tolist()
+        unavailable = np.flatnonzero(self.state[entity_of_request] == _UNAVAILABLE).tolist()
+        return FetchedView(self.view, block, event_ts, missing, unavailable, self.values)
 
 
 class FeatureStore:
@@ -74,82 +134,57 @@ class FeatureStore:
     async def get(self, view_name: str, entities: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """Feature values by entity (None for unknown entities), through the cache."""
         view = self._view(view_name)
-        rows = await self._rows([(view_name, str(entity)) for entity in entities])
+        (fetched,) = await self.fetch([view_name], [[str(entity) for entity in entities]])
         result: dict[str, dict[str, Any] | None] = {}
-        for entity, row in zip(entities, rows, strict=True):
-            if row is None or isinstance(row, BaseException):
+        for position, entity in enumerate(entities):
+            row = fetched.block.row_of_request[position]
+            if row < 0:
                 result[str(entity)] = None
-            else:
-                values = _as_float_row(view, row[0])
-                result[str(entity)] = {**dict(zip(view.feature_names, values, strict=True)), "event_ts_ms": row[1]}
+                continue
+            values = fetched.block.values[row].tolist() if fetched.exact_values is None else \
+                fetched.exact_values[row].tolist()
+            result[str(entity)] = {**dict(zip(view.feature_names, values, strict=True)),
+                                   "event_ts_ms": int(fetched.event_ts_ms[position])}
         return result
 
     async def fetch(self, view_names: Sequence[str], entity_columns: Sequence[Sequence[str]]) -> list[FetchedView]:
         """Features of a batch: for view i, entity_columns[i] holds each request's entity key.
 
         One cache MGET for every distinct (view, entity) of the batch, then one concurrent round of
-        Cassandra reads for the misses."""
-        distinct = [list(dict.fromkeys(column)) for column in entity_columns]
-        pairs = [(view, entity) for view, entities in zip(view_names, distinct, strict=True) for entity in entities]
-        rows = await self._rows(pairs)
-        fetched, start = [], 0
-        for view_name, entities, column in zip(view_names, distinct, entity_columns, strict=True):
-            view_rows = rows[start:start + len(entities)]
-            start += len(entities)
-            fetched.append(self._block(self.views[view_name], entities, view_rows, column))
-        return fetched
-
-    def _block(self, view: FeatureView, entities: list[str], rows: list, column: Sequence[str]) -> FetchedView:
-        values = np.empty((len(entities), len(view.features)), dtype=np.float32)
-        stamps = np.zeros(len(entities), dtype=np.int64)
-        row_of_entity: dict[str, int] = {}
-        unavailable = False
-        for index, (entity, row) in enumerate(zip(entities, rows, strict=True)):
-            if isinstance(row, BaseException):
-                unavailable = True
-                continue
-            if row is None:
-                continue
-            values[index] = _as_float_row(view, row[0])
-            stamps[index] = row[1]
-            row_of_entity[entity] = index
-        row_of_request = np.fromiter((row_of_entity.get(entity, -1) for entity in column), dtype=np.int32,
-                                     count=len(column))
-        event_ts = np.where(row_of_request >= 0, stamps[row_of_request], 0)
-        missing = np.flatnonzero(row_of_request < 0).tolist()
-        block = ViewBlock(values=values, row_of_request=row_of_request,
-                          defaults=np.asarray(view.defaults, dtype=np.float32))
-        return FetchedView(view, block, event_ts.astype(np.int64), missing, unavailable)
-
-    async def _rows(self, pairs: list[tuple[str, str]]) -> list[StoredRow | BaseException | None]:
+        Cassandra reads for the misses; hits are parsed with one numpy call per view."""
+        tables = [_ViewTable(self.views[name], column) for name, column in zip(view_names, entity_columns, strict=True)]
+        pairs = [(table.view.name, entity) for table in tables for entity in table.entities]
         cached = await self.cache.get_many(pairs) if self.cache is not None else None
-        if cached is None:
-            cached = [False] * len(pairs)
-        miss_positions = [index for index, row in enumerate(cached) if row is False]
-        rows: list[StoredRow | BaseException | None] = [None if row is False else row for row in cached]  # type: ignore[misc]
-        if not miss_positions:
-            return rows
-        misses = [pairs[index] for index in miss_positions]
-        try:
-            stored = await self.online.get_many(misses)
-        except Exception as exc:  # no host at all: every miss is unavailable, the batch still goes on
-            stored = [exc] * len(misses)
-        failures = 0
-        for index, row in zip(miss_positions, stored, strict=True):
-            rows[index] = row
-            failures += isinstance(row, BaseException)
-        if failures:
-            self._note_store_errors(failures, stored)
-        if self.cache is not None:
-            await self.cache.put_many([(view, entity, row) for (view, entity), row in zip(misses, stored, strict=True)
-                                       if not isinstance(row, BaseException)])
-        return rows
+        start = 0
+        for table in tables:
+            table.take_cached(None if cached is None else cached[start:start + len(table.entities)])
+            start += len(table.entities)
+        await self._read_misses(tables)
+        return [table.fetched() for table in tables]
 
-    def _note_store_errors(self, failures: int, stored: list) -> None:
-        first = next(row for row in stored if isinstance(row, BaseException))
-        if self.store_errors == 0 or failures == len(stored):
-            log.warning("Cassandra reads failed for %d entities (%r): those requests use view defaults and are "
-                        "marked degraded", failures, first)
+    async def _read_misses(self, tables: list[_ViewTable]) -> None:
+        wanted = [(table, position) for table in tables for position in table.miss_positions()]
+        if not wanted:
+            return
+        try:
+            stored = await self.online.get_many([(table.view.name, table.entities[pos]) for table, pos in wanted])
+        except Exception as exc:  # no host at all: every miss is unavailable, the batch still goes on
+            stored = [exc] * len(wanted)
+        to_cache = []
+        failures = [row for row in stored if isinstance(row, BaseException)]
+        for (table, position), row in zip(wanted, stored, strict=True):
+            packed = table.take_stored(position, row)
+            if packed is not None:
+                to_cache.append((table.view.name, table.entities[position], packed))
+        if failures:
+            self._note_store_errors(len(failures), failures[0], len(stored))
+        if self.cache is not None:
+            await self.cache.put_many(to_cache)
+
+    def _note_store_errors(self, failures: int, first: BaseException, asked: int) -> None:
+        if self.store_errors == 0 or failures == asked:
+            log.warning("Cassandra reads failed for %d of %d entities (%r): those requests use view defaults and "
+                        "are marked degraded", failures, asked, first)
         self.store_errors += failures
 
     def _view(self, name: str) -> FeatureView:

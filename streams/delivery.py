@@ -72,11 +72,13 @@ class BatchPublisher:
 
     async def _group(self, messages: Sequence[Outbound]) -> dict[tuple[str, int], list[Outbound]]:
         groups: dict[tuple[str, int], list[Outbound]] = {}
+        counts = self._partitions
         for message in messages:
-            count = self._partitions.get(message.topic) or await self._partition_count(message.topic)
+            topic, key = message[0], message[1]  # Outbound or a plain tuple of the same shape
+            count = counts.get(topic) or await self._partition_count(topic)
             # crc32 is C-speed and deterministic: repeats of a prediction (same key) land on one partition
-            partition = zlib.crc32(message.key) % count if message.key else 0
-            groups.setdefault((message.topic, partition), []).append(message)
+            partition = zlib.crc32(key) % count if key else 0
+            groups.setdefault((topic, partition), []).append(message)
         return groups
 
     async def _partition_count(self, topic: str) -> int:
@@ -87,12 +89,12 @@ class BatchPublisher:
     async def _send(self, topic: str, partition: int, group: list[Outbound]
                     ) -> tuple[str, int, list[Outbound], list[asyncio.Future]]:
         futures, builder = [], self.producer.create_batch()
-        for message in group:
-            if builder.append(key=message.key, value=message.value, timestamp=None,
-                              headers=message.headers) is None:  # full: send it and start another
+        for _, key, value, headers in group:
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                # full: send it and start another
                 futures.append(await self.producer.send_batch(builder, topic, partition=partition))
                 builder = self.producer.create_batch()
-                builder.append(key=message.key, value=message.value, timestamp=None, headers=message.headers)
+                builder.append(key=key, value=value, timestamp=None, headers=headers)
         futures.append(await self.producer.send_batch(builder, topic, partition=partition))
         return topic, partition, group, futures
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,14 +42,13 @@ class Inbound:
     offset: int = -1
 
 
-@dataclass(frozen=True)
-class Outbound:
-    """One message to publish."""
+class Outbound(NamedTuple):
+    """One message to publish (a tuple: thousands are made per second)."""
 
     topic: str
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass
@@ -107,9 +107,11 @@ class BatchPipeline:
         status = np.where((decoded.deadline_ms > 0) & (decoded.deadline_ms < received_ms), "expired", "ok")
         status[~keep] = "skip"
         live = np.flatnonzero(status == "ok")
+        all_live = len(live) == len(decoded)
+        live_rows = live.tolist()
         fetched = await self.store.fetch(
             [view.name for view in self.model.views],
-            [[column[row] for row in live] for column in decoded.entities],
+            [column if all_live else [column[row] for row in live_rows] for column in decoded.entities],
         ) if len(live) else []
         clock.lap("features")
         inputs = fastpath.assemble(decoded.features[live], [view.block for view in fetched],
@@ -121,9 +123,11 @@ class BatchPipeline:
                                                   clock.marks)
         encoded = fastpath.encode_predictions(prediction_batch, _now_ms())
         clock.lap("encode")
-        predictions = [
-            Outbound(decoded.reply_to[row] or self.predictions_topic, decoded.ids[row].encode(), value)
-            for row, value in zip(prediction_batch.rows, encoded, strict=True)
+        default_topic, reply_to = self.predictions_topic, decoded.reply_to
+        # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
+        predictions: list[Any] = [
+            (reply_to[row] or default_topic, request_id.encode(), value, None)
+            for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True)
         ]
         return BatchOutcome(predictions, dead_letters, answered=len(predictions),
                             expired=int((status == "expired").sum()), timings_us=clock.marks)
@@ -162,28 +166,25 @@ class BatchPipeline:
                           fetched: list[FetchedView], received_ms: int, timings: dict[str, int]
                           ) -> _RowsBatch:
         rows = np.flatnonzero(status != "skip")
-        degraded: dict[int, list[str]] = {}
+        row_list = rows.tolist()
         feature_ts = {view.name: np.zeros(len(decoded), dtype=np.int64) for view in self.model.views}
-        for fetched_view in fetched:
-            name = fetched_view.view.name
-            feature_ts[name][live] = fetched_view.event_ts_ms
-            reason = "unavailable" if fetched_view.unavailable else "missing"
-            column = decoded.entities[self.model.views.index(fetched_view.view)]
-            for live_row in fetched_view.missing:
-                row = int(live[live_row])
-                degraded.setdefault(row, []).append(f"{name}:{reason}:{column[row]}")
-        row_status = [str(status[row]) if error is None or status[row] != "ok" else "error" for row in rows]
-        row_errors = [self._row_error(decoded, int(row), state, error)
-                      for row, state in zip(rows, row_status, strict=True)]
+        degraded = self._degraded(decoded, live, fetched, feature_ts)
+        row_status = status[rows]
+        if error is not None:
+            row_status[row_status == "ok"] = "error"
+        status_list = row_status.tolist()
+        row_errors: list[tuple[str, str] | None] = [None] * len(row_list)
+        for position in np.flatnonzero(row_status != "ok").tolist():
+            row_errors[position] = self._row_error(decoded, row_list[position], status_list[position], error)
         return _RowsBatch(
-            rows=rows.tolist(),
-            ids=[decoded.ids[row] for row in rows],
+            rows=row_list,
+            ids=decoded.ids if len(row_list) == len(decoded) else [decoded.ids[row] for row in row_list],
             model=self.model.name,
             version=self.model.version,
-            status=row_status,
+            status=status_list,
             outputs={name: values[rows] for name, values in outputs.items()},
             errors=row_errors,
-            degraded=[degraded.get(int(row), []) for row in rows],
+            degraded=[degraded.get(row, []) for row in row_list] if degraded else [[] for _ in row_list],
             lineage={
                 "artifact_sha256": self.model.manifest.sha256,
                 "code_version": self.code_version,
@@ -194,6 +195,21 @@ class BatchPipeline:
             timings_us=dict(timings),
             received_ms=np.full(len(rows), received_ms, dtype=np.int64),
         )
+
+    def _degraded(self, decoded: fastpath.DecodedBatch, live: np.ndarray, fetched: list[FetchedView],
+                  feature_ts: dict[str, np.ndarray]) -> dict[int, list[str]]:
+        """Fill each view's feature timestamps; name every defaulted entity per request row."""
+        degraded: dict[int, list[str]] = {}
+        for fetched_view in fetched:
+            name = fetched_view.view.name
+            feature_ts[name][live] = fetched_view.event_ts_ms
+            column = decoded.entities[self.model.views.index(fetched_view.view)]
+            unavailable = set(fetched_view.unavailable_rows)
+            for live_row in fetched_view.missing:
+                row = int(live[live_row])
+                reason = "unavailable" if live_row in unavailable else "missing"
+                degraded.setdefault(row, []).append(f"{name}:{reason}:{column[row]}")
+        return degraded
 
     @staticmethod
     def _row_error(decoded: fastpath.DecodedBatch, row: int, state: str,

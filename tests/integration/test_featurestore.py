@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 import redis
 from cassandra.cluster import Session
 
+from streamscore.featurestore.cache import MISSING
 from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import parse_views
 from streamscore.settings import Settings
@@ -96,7 +97,7 @@ def test_fetch_reads_a_batch_with_defaults_and_timestamps(store: FeatureStore) -
     assert card.event_ts_ms.tolist() == [103, 103, 0, 110]
     assert card.block.defaults.tolist() == [-1.0, 0.0, 0.0]
     assert shop.missing == [1] and shop.event_ts_ms.tolist() == [7, 0, 7, 7]
-    assert not card.unavailable and not shop.unavailable
+    assert card.unavailable_rows == [] and shop.unavailable_rows == []
 
 
 def test_cache_is_read_through_and_invalidated_on_write(store: FeatureStore, redis_client: redis.Redis) -> None:
@@ -106,8 +107,8 @@ def test_cache_is_read_through_and_invalidated_on_write(store: FeatureStore, red
 
     first = run(_with_fresh_cache(store, first_read))
     key = f"{store.settings.topic_prefix}:fv:card:c1"
-    assert msgpack.unpackb(redis_client.get(key)) == [1, 1.0, 0.0, 0.0]
-    assert msgpack.unpackb(redis_client.get(f"{store.settings.topic_prefix}:fv:card:ghost")) == []
+    assert struct.unpack("<q3d", redis_client.get(key)) == (1, 1.0, 0.0, 0.0)
+    assert redis_client.get(f"{store.settings.topic_prefix}:fv:card:ghost") == MISSING
     assert 0 < redis_client.ttl(key) <= store.settings.redis.cache_ttl_s
     assert first["c1"]["spend"] == 1.0 and first["ghost"] is None
 
