@@ -9,6 +9,7 @@ batch's offsets are committed once Kafka acknowledged all of them: a crash may r
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -19,10 +20,11 @@ import faust
 import mode
 
 from streamscore.featurestore.store import FeatureStore
-from streamscore.featurestore.views import load_views
+from streamscore.featurestore.views import FeatureView, load_views
 from streamscore.settings import Settings
+from streamscore.workers.library import ModelError, versions
 from streamscore.workers.pipeline import BatchOutcome, BatchPipeline, Inbound, Outbound
-from streamscore.workers.runtime import load_model
+from streamscore.workers.runtime import ModelRuntime, load_model
 
 from . import topics
 from .client import ensure_topics
@@ -47,10 +49,16 @@ class ModelAgent:
         self.batches = 0
         self.requests_per_batch = 0.0
         self.last_timings: dict[str, int] = {}
+        self.pending_model: ModelRuntime | None = None
+        """A newer version, loaded and verified; swapped in between two batches."""
+        self._refused: set[tuple[str, float]] = set()
 
     async def handle(self, flight: Flight) -> None:
         """Score a batch and queue its messages; the flight is acknowledged once Kafka has all of them."""
-        assert self.delivery is not None and self.delivery.publisher is not None
+        if self.pending_model is not None:
+            previous, self.pipeline.model, self.pending_model = self.pipeline.model, self.pending_model, None
+            log.warning("%s: now serving v%s (sha256 %s…), was v%s", previous.name, self.pipeline.model.version,
+                        self.pipeline.model.manifest.sha256[:12], previous.version)
         outcome = await self._process(flight.records)
         acked = await self._queue([*outcome.predictions, *outcome.dead_letters])
         acked.add_done_callback(lambda _: _resolve(flight.acked))
@@ -60,6 +68,26 @@ class ModelAgent:
         self.dead_lettered += len(outcome.dead_letters)
         self.requests_per_batch = 0.9 * self.requests_per_batch + 0.1 * len(flight.records)
         self.last_timings = outcome.timings_us
+
+    async def look_for_new_version(self, settings: Settings, views: dict[str, FeatureView]) -> None:
+        """Load the library's newest version if it is not the one served. One that fails its checks (sha256
+        mismatch, bad manifest) is refused, logged once, and the current version keeps serving."""
+        current = self.pipeline.model
+        available = versions(settings.models_dir, current.name)
+        if not available or available[-1] == current.version or self.pending_model is not None:
+            return
+        newest = available[-1]
+        folder = settings.models_dir / current.name / newest
+        stamp = (newest, max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0))
+        if stamp in self._refused:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self.pending_model = await loop.run_in_executor(
+                None, lambda: load_model(settings.models_dir, current.name, views, settings.worker, newest))
+        except ModelError as exc:
+            self._refused.add(stamp)
+            log.error("%s: refusing v%s, still serving v%s: %s", current.name, newest, current.version, exc)
 
     async def _queue(self, messages: list[Outbound]) -> asyncio.Future:
         """Hand the messages to the producer; if even that fails (no metadata: the broker is away), wait and
@@ -132,6 +160,12 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
     _declare_services(app, settings, store, agents, channels)
     _declare_reporting(app, agents)
+    if settings.worker.reload_interval_s > 0:
+        @app.timer(interval=settings.worker.reload_interval_s)
+        async def reload_models() -> None:
+            for agent in agents.values():
+                await agent.look_for_new_version(settings, views)
+
     return app, agents
 
 
@@ -186,8 +220,18 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent]) -> None:
                          for name, agent in agents.items()})
 
 
+def _tune_gc() -> None:
+    """Every batch allocates thousands of short-lived objects; with the default thresholds the cyclic GC ran
+    often and walked the long-lived heap (drivers, model, views) each time. Freeze what exists after start-up
+    and collect young objects less often: the hot path makes no reference cycles of its own."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "info") -> None:
     """Run the worker in the foreground until SIGTERM/SIGINT."""
     app, _ = create_app(settings, model_names)
+    _tune_gc()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -104,6 +104,8 @@ class WorkerSettings(_Strict):
     """Most requests handled as one batch."""
     batch_window_ms: int = 10
     """Longest wait to fill a batch before it is processed anyway."""
+    reload_interval_s: float = 5.0
+    """How often the worker looks for a newer model version in the library (0 turns it off)."""
     max_batches_in_flight: int = 4
     """Batches fetched but not yet acknowledged and committed; bounds memory and repeats after a crash."""
     partitions: int = 4

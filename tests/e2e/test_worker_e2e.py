@@ -193,3 +193,34 @@ def test_predict_round_trips(deployment: Deployment) -> None:
     assert prediction["status"] == "ok"
     expected = offline_score(deployment, "card-9", "merchant-9", 77.0)
     assert abs(prediction["outputs"]["fraud_probability"] - expected) <= 1e-5
+
+
+def _served_version(deployment: Deployment) -> str:
+    async def ask() -> dict[str, Any]:
+        async with Client(deployment.settings) as client:
+            return await client.predict(MODEL, request("ver-" + uuid.uuid4().hex, "card-5", "merchant-5"), timeout=20)
+
+    return str(asyncio.run(ask())["version"])
+
+
+def test_tampered_new_version_is_refused_and_a_good_one_is_served(deployment: Deployment) -> None:
+    """Runs last in this file: it leaves the worker serving v2 (same artifact as v1)."""
+    import json
+    import shutil
+
+    library = deployment.settings.models_dir / MODEL
+    original = (library / "1" / "model.onnx").read_bytes()
+    shutil.copytree(library / "1", library / "2")
+    manifest = json.loads((library / "2" / "manifest.json").read_text())
+    (library / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+    (library / "2" / "model.onnx").write_bytes(original + b"\0")  # sha256 no longer matches the manifest
+
+    time.sleep(3)  # three reload checks
+    assert _served_version(deployment) == "1"
+    assert "refusing v2" in deployment.log_path.read_text()
+
+    (library / "2" / "model.onnx").write_bytes(original)
+    deadline = time.monotonic() + 30
+    while _served_version(deployment) != "2":
+        assert time.monotonic() < deadline, "the verified v2 was not picked up"
+        time.sleep(0.5)
