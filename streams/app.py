@@ -30,6 +30,7 @@ from . import topics
 from .client import ensure_topics
 from .delivery import BatchDelivery, Flight
 from .kafka import faust_broker, faust_credentials
+from .metrics import WorkerMetrics
 from .wire import HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_MODEL, HEADER_SOURCE
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ _PIPELINE_ATTEMPTS = 3
 class ModelAgent:
     """Everything one model's agent needs: the pipeline, the delivery (for its publisher) and counters."""
 
-    def __init__(self, pipeline: BatchPipeline) -> None:
+    def __init__(self, pipeline: BatchPipeline, metrics: WorkerMetrics) -> None:
         self.pipeline = pipeline
+        self.metrics = metrics
         self.delivery: BatchDelivery | None = None
         self.answered = 0
         self.expired = 0
@@ -59,6 +61,7 @@ class ModelAgent:
             previous, self.pipeline.model, self.pending_model = self.pipeline.model, self.pending_model, None
             log.warning("%s: now serving v%s (sha256 %s…), was v%s", previous.name, self.pipeline.model.version,
                         self.pipeline.model.manifest.sha256[:12], previous.version)
+            self.report_model()
         outcome = await self._process(flight.records)
         acked = await self._queue([*outcome.predictions, *outcome.dead_letters])
         acked.add_done_callback(lambda _: _resolve(flight.acked))
@@ -68,6 +71,11 @@ class ModelAgent:
         self.dead_lettered += len(outcome.dead_letters)
         self.requests_per_batch = 0.9 * self.requests_per_batch + 0.1 * len(flight.records)
         self.last_timings = outcome.timings_us
+        self.metrics.observe_batch(self.pipeline.model.name, len(flight.records), outcome)
+
+    def report_model(self) -> None:
+        model = self.pipeline.model
+        self.metrics.serve_model(model.name, model.version, model.manifest.sha256, model.provider)
 
     async def look_for_new_version(self, settings: Settings, views: dict[str, FeatureView]) -> None:
         """Load the library's newest version if it is not the one served. One that fails its checks (sha256
@@ -154,12 +162,14 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         partitions=settings.worker.partitions))
     agents: dict[str, ModelAgent] = {}
     channels: dict[str, Any] = {}
+    metrics = WorkerMetrics()
     for name in model_names:
         runtime = load_model(settings.models_dir, name, views, settings.worker)
-        agents[name] = ModelAgent(BatchPipeline(runtime, store, prefix, settings.worker.worker_id))
+        agents[name] = ModelAgent(BatchPipeline(runtime, store, prefix, settings.worker.worker_id), metrics)
+        agents[name].report_model()
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
     _declare_services(app, settings, store, agents, channels)
-    _declare_reporting(app, agents)
+    _declare_reporting(app, agents, store, metrics)
     if settings.worker.reload_interval_s > 0:
         @app.timer(interval=settings.worker.reload_interval_s)
         async def reload_models() -> None:
@@ -200,8 +210,31 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
             await store.close()
 
 
-def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent]) -> None:
+def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent], store: FeatureStore,
+                       metrics: WorkerMetrics) -> None:
     started = time.monotonic()
+
+    def live_values() -> dict[str, tuple[str, float]]:
+        cache, delivery = store.cache, next(iter(agents.values())).delivery
+        values = {"streamscore_store_read_errors": ("Cassandra reads that failed (defaults used)",
+                                                    float(store.store_errors))}
+        if cache is not None:
+            values |= {"streamscore_cache_hits": ("Feature rows served by Redis", float(cache.hits)),
+                       "streamscore_cache_misses": ("Feature rows read through to Cassandra", float(cache.misses)),
+                       "streamscore_cache_bypassed": ("Batches served without Redis (it did not answer)",
+                                                      float(cache.bypassed))}
+        if delivery is not None:
+            values |= {"streamscore_batches_in_flight": ("Batches fetched, not yet committed",
+                                                         float(len(delivery.flights))),
+                       "streamscore_commit_failures": ("Offset commits that failed (rebalance)",
+                                                       float(delivery.commit_failures))}
+        return values
+
+    metrics.watch(live_values)
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.timer(interval=10.0)
     async def report() -> None:

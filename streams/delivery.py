@@ -144,7 +144,7 @@ class BatchDelivery(mode.Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.publisher: BatchPublisher | None = None
-        self._flights: deque[Flight] = deque()
+        self.flights: deque[Flight] = deque()
         self._flight_added = asyncio.Event()
         self._room = asyncio.Semaphore(worker.max_batches_in_flight)
         self.committed_batches = 0
@@ -199,25 +199,25 @@ class BatchDelivery(mode.Service):
         next_offsets = {tp: batch[-1].offset + 1 for tp, batch in parts}
         await self._room.acquire()
         flight = Flight(records, next_offsets, asyncio.get_running_loop().create_future())
-        self._flights.append(flight)
+        self.flights.append(flight)
         self._flight_added.set()
         await self.channels[topic].put(flight)
 
     @mode.Service.task
     async def _commit_loop(self) -> None:
         """Commits flights strictly in fetch order, each once its batch is acknowledged."""
-        while not (self.should_stop and not self._flights):  # keeps committing while a stop drains
-            if not self._flights:
+        while not (self.should_stop and not self.flights):  # keeps committing while a stop drains
+            if not self.flights:
                 self._flight_added.clear()
                 await self._flight_added.wait()
                 continue
-            flight = self._flights[0]
+            flight = self.flights[0]
             await asyncio.shield(flight.acked)
             offsets = dict(flight.next_offsets)
-            self._flights.popleft()
+            self.flights.popleft()
             self._room.release()
-            while self._flights and self._flights[0].acked.done():  # coalesce ready flights into one commit
-                offsets.update(self._flights.popleft().next_offsets)
+            while self.flights and self.flights[0].acked.done():  # coalesce ready flights into one commit
+                offsets.update(self.flights.popleft().next_offsets)
                 self._room.release()
             await self._commit(offsets)
 
@@ -233,10 +233,10 @@ class BatchDelivery(mode.Service):
 
     async def drain(self, why: str) -> None:
         """Wait until every batch in flight is acknowledged and committed."""
-        if not self._flights:
+        if not self.flights:
             return
         started = time.monotonic()
-        count = len(self._flights)
-        while self._flights:
+        count = len(self.flights)
+        while self.flights:
             await asyncio.sleep(0.005)
         log.info("%s: drained %d batches in flight in %.0f ms", why, count, 1000 * (time.monotonic() - started))

@@ -58,6 +58,8 @@ class BatchOutcome:
     answered: int
     expired: int
     timings_us: dict[str, int]
+    failed: int = 0
+    """Predictions with status error (the model failed on the batch)."""
 
 
 def code_version() -> str:
@@ -130,7 +132,8 @@ class BatchPipeline:
             for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True)
         ]
         return BatchOutcome(predictions, dead_letters, answered=len(predictions),
-                            expired=int((status == "expired").sum()), timings_us=clock.marks)
+                            expired=int((status == "expired").sum()), timings_us=clock.marks,
+                            failed=len(live) if errors is not None else 0)
 
     def _drop_unknown_versions(self, batch: Sequence[Inbound], decoded: fastpath.DecodedBatch,
                                dead_letters: list[Outbound]) -> np.ndarray:

@@ -195,6 +195,26 @@ def test_predict_round_trips(deployment: Deployment) -> None:
     assert abs(prediction["outputs"]["fraud_probability"] - expected) <= 1e-5
 
 
+def test_metrics_and_status_are_served(deployment: Deployment) -> None:
+    import json
+    import urllib.request
+
+    port = deployment.env["STREAMSCORE_WORKER__WEB_PORT"]
+    asyncio.run(_produce(deployment, [request(f"met-{uuid.uuid4().hex[:6]}", "card-3", "merchant-3")]))
+    time.sleep(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+        status = json.load(response)
+
+    lines = metrics.splitlines()
+    ok = [line for line in lines if line.startswith('streamscore_predictions_total{model="fraud",status="ok"}')]
+    assert ok and float(ok[0].split()[-1]) > 0
+    assert any(line.startswith("streamscore_model_info{") and 'version="1"' in line for line in lines)
+    assert "streamscore_stage_seconds_bucket" in metrics and "streamscore_cache_hits" in metrics
+    assert status["fraud"]["answered"] > 0 and status["fraud"]["model_version"] == "1"
+
+
 def _served_version(deployment: Deployment) -> str:
     async def ask() -> dict[str, Any]:
         async with Client(deployment.settings) as client:

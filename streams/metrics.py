@@ -1,0 +1,64 @@
+"""Prometheus metrics of a worker, served at ``/metrics`` on the Faust web server.
+
+Observed once per batch (never per request), so they cost nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class _Live(Collector):
+    """Values read at scrape time from the objects that own them (cache counters, batches in flight)."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, (help_text, value) in self.read().items():
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("streamscore_predictions", "Predictions published, by model and status",
+                                ["model", "status"], registry=self.registry)
+        self.dead_letters = Counter("streamscore_dead_letters", "Dead letters published, by model and reason",
+                                    ["model", "kind"], registry=self.registry)
+        self.batch_size = Histogram("streamscore_batch_messages", "Messages per batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("streamscore_stage_seconds", "Time per batch and pipeline stage",
+                                       ["model", "stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.model_version = Gauge("streamscore_model_info", "Model version served (value 1)",
+                                   ["model", "version", "sha256", "provider"], registry=self.registry)
+
+    def watch(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.registry.register(_Live(read))
+
+    def observe_batch(self, model: str, messages: int, outcome: Any) -> None:
+        self.batch_size.labels(model).observe(messages)
+        ok = outcome.answered - outcome.expired - outcome.failed
+        for status, count in (("ok", ok), ("expired", outcome.expired), ("error", outcome.failed)):
+            if count:
+                self.requests.labels(model, status).inc(count)
+        for letter in outcome.dead_letters:
+            kind = dict(letter[3] or ()).get("streamscore-error-kind", b"unknown").decode()
+            self.dead_letters.labels(model, kind).inc()
+        for stage, micros in outcome.timings_us.items():
+            self.stage_seconds.labels(model, stage).observe(micros / 1e6)
+
+    def serve_model(self, model: str, version: str, sha256: str, provider: str) -> None:
+        self.model_version.clear()
+        self.model_version.labels(model, version, sha256, provider).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
