@@ -21,4 +21,4 @@ stack-down:
 	.venv/bin/streamscore stack down
 
 bench-fastpath: bootstrap
-	.venv/bin/python bench/fastpath_bench.py
+	.venv/bin/python -m bench.fastpath_bench

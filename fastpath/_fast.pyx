@@ -9,17 +9,23 @@ spec names, writing features straight into the float32 output and creating only 
 The pure-Python twin defines the semantics; the parity tests hold the two together.
 """
 
-cimport cython
 cimport numpy as cnp
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact, PyFloat_FromDouble
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_Check,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.bytearray cimport PyByteArray_Check
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check, PyFloat_FromDouble
 from cpython.list cimport PyList_Append
-from cpython.long cimport PyLong_CheckExact
+from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcpy
 
 import msgpack
 import numpy as np
@@ -46,6 +52,8 @@ from streamscore.fastpath._types import (
 cnp.import_array()
 
 cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object text)
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
     long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
     unsigned long long PyLong_AsUnsignedLongLong(object value) except? -1
@@ -114,6 +122,15 @@ cdef inline Py_ssize_t _load(const unsigned char* p, int width) noexcept nogil:
     if width == 2:
         return _be16(p)
     return _be32(p)
+
+
+cdef inline bint _ascii(const unsigned char* text, Py_ssize_t size) noexcept nogil:
+    """Short keys and ids are ASCII: one OR over the bytes settles them without the UTF-8 state machine."""
+    cdef Py_ssize_t i
+    cdef unsigned char seen = 0
+    for i in range(size):
+        seen |= text[i]
+    return seen < 0x80
 
 
 cdef bint _valid_utf8(const unsigned char* text, Py_ssize_t size) noexcept nogil:
@@ -204,8 +221,10 @@ cdef int _validate(const unsigned char* buf, Py_ssize_t size) noexcept nogil:
             return _E_INCOMPLETE
         head = buf[pos]
         count = -1  # stays -1 for anything but an array or a map
-        if head <= 0x7f or head >= 0xe0 or head == 0xc0 or head == 0xc2 or head == 0xc3:
-            pos += 1
+        if _FIXED_SIZE[head]:  # int, float, nil, bool
+            if size - pos < _FIXED_SIZE[head]:
+                return _E_INCOMPLETE
+            pos += _FIXED_SIZE[head]
         elif head <= 0x9f:  # fixmap, fixarray
             count = head & 0x0f
             is_map = head <= 0x8f
@@ -222,7 +241,7 @@ cdef int _validate(const unsigned char* buf, Py_ssize_t size) noexcept nogil:
                 pos += 1 + width
             if length > size - pos:
                 return _E_INCOMPLETE
-            if not _valid_utf8(buf + pos, length):
+            if not _ascii(buf + pos, length) and not _valid_utf8(buf + pos, length):
                 return _E_UTF8
             pos += length
         elif head == 0xc1:
@@ -248,15 +267,7 @@ cdef int _validate(const unsigned char* buf, Py_ssize_t size) noexcept nogil:
             if status:
                 return status
             pos += 1 + length
-        elif head <= 0xd3:  # float 32/64, uint 8..64, int 8..64
-            if head <= 0xcb:
-                width = 4 if head == 0xca else 8
-            else:
-                width = 1 << ((head - 0xcc) & 3)
-            if size - pos - 1 < width:
-                return _E_INCOMPLETE
-            pos += 1 + width
-        elif head <= 0xd8:  # fixext 1/2/4/8/16
+        elif head <= 0xd8:  # fixext 1/2/4/8/16 (numbers were settled by _FIXED_SIZE)
             length = 1 << (head - 0xd4)
             if size - pos - 2 < length:
                 return _E_INCOMPLETE
@@ -337,7 +348,7 @@ ctypedef struct _Item:
     Py_ssize_t data  # str/bin/ext: offset of the payload
 
 
-cdef Py_ssize_t _read_item(const unsigned char* buf, Py_ssize_t pos, _Item* item) noexcept nogil:
+cdef inline Py_ssize_t _read_item(const unsigned char* buf, Py_ssize_t pos, _Item* item) noexcept nogil:
     """Decode the item at ``pos`` of a message that ``_validate`` accepted (so every read is in bounds).
 
     Returns the offset just past the item, or for an array/map just past its header (its first element).
@@ -443,7 +454,36 @@ cdef Py_ssize_t _read_item(const unsigned char* buf, Py_ssize_t pos, _Item* item
     return pos + 1 + width
 
 
-cdef Py_ssize_t _skip(const unsigned char* buf, Py_ssize_t pos) noexcept nogil:
+cdef unsigned char _FIXED_SIZE[256]  # bytes of an int/float/nil/bool item by its first byte; 0 for the rest
+
+
+cdef void _fill_fixed_sizes() noexcept:
+    cdef int head
+    for head in range(256):
+        _FIXED_SIZE[head] = 0
+    for head in range(0x80):
+        _FIXED_SIZE[head] = 1  # positive fixint
+    for head in range(0xe0, 0x100):
+        _FIXED_SIZE[head] = 1  # negative fixint
+    _FIXED_SIZE[0xc0] = _FIXED_SIZE[0xc2] = _FIXED_SIZE[0xc3] = 1
+    _FIXED_SIZE[0xca] = 5
+    _FIXED_SIZE[0xcb] = 9
+    for head in range(4):
+        _FIXED_SIZE[0xcc + head] = _FIXED_SIZE[0xd0 + head] = 1 + (1 << head)
+
+
+_fill_fixed_sizes()
+
+
+cdef inline Py_ssize_t _skip(const unsigned char* buf, Py_ssize_t pos) noexcept nogil:
+    """Offset just past the (validated) object at ``pos``; a number/nil/bool in one table lookup."""
+    cdef unsigned char fixed = _FIXED_SIZE[buf[pos]]
+    if fixed:
+        return pos + fixed
+    return _skip_any(buf, pos)
+
+
+cdef Py_ssize_t _skip_any(const unsigned char* buf, Py_ssize_t pos) noexcept nogil:
     """Offset just past the (validated) object at ``pos``: counts the objects still owed, no stack."""
     cdef Py_ssize_t owed = 1
     cdef _Item item
@@ -519,10 +559,20 @@ cdef object _decimal(const _Item* item):
     if negative:
         at -= 1
         digits[at] = c'-'
-    return PyUnicode_DecodeUTF8(digits + at, 24 - at, NULL)
+    return _ascii_str(digits + at, 24 - at)
+
+
+cdef inline object _ascii_str(const char* data, Py_ssize_t size):
+    """A str of ASCII bytes, filled directly: the common case of ids and keys, without the UTF-8 decoder."""
+    text = PyUnicode_New(size, 127)
+    memcpy(PyUnicode_DATA(text), data, size)
+    return text
 
 
 cdef inline object _text(const unsigned char* buf, const _Item* item):
+    """The str of a validated msgpack str."""
+    if _ascii(buf + item.data, item.length):
+        return _ascii_str(<const char*>buf + item.data, item.length)
     return PyUnicode_DecodeUTF8(<const char*>buf + item.data, item.length, NULL)
 
 
@@ -541,25 +591,30 @@ cdef enum:
     _FIELDS
 
 
+cdef inline bint _same(const unsigned char* key, const char* name, Py_ssize_t size) noexcept nogil:
+    """memcmp for the short names of a request, without a library call per key."""
+    cdef Py_ssize_t i
+    for i in range(size):
+        if key[i] != <unsigned char>name[i]:
+            return False
+    return True
+
+
 cdef inline int _request_field(const unsigned char* key, Py_ssize_t size) noexcept nogil:
     """Which top-level request field a str key names, or -1."""
     if size == 2:
         return _F_ID if key[0] == c'i' and key[1] == c'd' else -1
     if size == 8:
-        if memcmp(key, b"entities", 8) == 0:
-            return _F_ENTITIES
-        if memcmp(key, b"features", 8) == 0:
-            return _F_FEATURES
-        if memcmp(key, b"reply_to", 8) == 0:
-            return _F_REPLY_TO
-        return -1
+        if key[0] == c'e':
+            return _F_ENTITIES if _same(key, b"entities", 8) else -1
+        if key[0] == c'f':
+            return _F_FEATURES if _same(key, b"features", 8) else -1
+        return _F_REPLY_TO if _same(key, b"reply_to", 8) else -1
     if size == 7:
-        if memcmp(key, b"version", 7) == 0:
-            return _F_VERSION
-        if memcmp(key, b"sent_ms", 7) == 0:
-            return _F_SENT
-        return -1
-    if size == 11 and memcmp(key, b"deadline_ms", 11) == 0:
+        if key[0] == c'v':
+            return _F_VERSION if _same(key, b"version", 7) else -1
+        return _F_SENT if _same(key, b"sent_ms", 7) else -1
+    if size == 11 and _same(key, b"deadline_ms", 11):
         return _F_DEADLINE
     return -1
 
@@ -602,10 +657,10 @@ cdef class _Names:
     cdef inline Py_ssize_t find(self, const unsigned char* key, Py_ssize_t size, Py_ssize_t hint) noexcept:
         """Index of the first name equal to ``key``, or -1; ``hint`` is tried first (keys tend to come in order)."""
         cdef Py_ssize_t i
-        if hint < self.count and self.size[hint] == size and memcmp(self.data[hint], key, size) == 0:
+        if hint < self.count and self.size[hint] == size and _same(key, self.data[hint], size):
             return self.first[hint]
         for i in range(self.count):
-            if self.size[i] == size and memcmp(self.data[i], key, size) == 0:
+            if self.size[i] == size and _same(key, self.data[i], size):
                 return i
         return -1
 
@@ -725,15 +780,11 @@ cdef class _Decoder:
 
     cdef int _allocate(self, Py_ssize_t capacity) except -1:
         """(Re)allocate the numeric columns for ``capacity`` requests, keeping the rows accepted so far."""
-        features = np.empty((capacity, self.spec.columns), dtype=np.float32)
-        deadline = np.empty(capacity, dtype=np.int64)
-        sent = np.empty(capacity, dtype=np.int64)
-        source = np.empty(capacity, dtype=np.int32)
-        if self.count:
-            features[:self.count] = self.features_out[:self.count]
-            deadline[:self.count] = self.deadline_out[:self.count]
-            sent[:self.count] = self.sent_out[:self.count]
-            source[:self.count] = self.source_out[:self.count]
+        cdef Py_ssize_t columns = self.spec.columns
+        features = _empty(capacity, columns, cnp.NPY_FLOAT32, self.features, self.count * columns * sizeof(float))
+        deadline = _empty(capacity, -1, cnp.NPY_INT64, self.deadline, self.count * sizeof(int64_t))
+        sent = _empty(capacity, -1, cnp.NPY_INT64, self.sent, self.count * sizeof(int64_t))
+        source = _empty(capacity, -1, cnp.NPY_INT32, self.source, self.count * sizeof(int32_t))
         self.features_out, self.deadline_out, self.sent_out, self.source_out = features, deadline, sent, source
         self.features = <float*>cnp.PyArray_DATA(features)
         self.deadline = <int64_t*>cnp.PyArray_DATA(deadline)
@@ -1000,14 +1051,28 @@ cdef class _Decoder:
         return _text(buf, &item)
 
     cdef object batch(self):
-        cdef Py_ssize_t n = self.count
+        cdef Py_ssize_t n = self.count, columns = self.spec.columns
         features, deadline, sent, source = self.features_out, self.deadline_out, self.sent_out, self.source_out
-        if n != self.capacity:
-            features, deadline, sent, source = features[:n].copy(), deadline[:n].copy(), sent[:n].copy(), \
-                source[:n].copy()
+        if n != self.capacity:  # exact-size arrays, as the twin returns
+            features = _empty(n, columns, cnp.NPY_FLOAT32, self.features, n * columns * sizeof(float))
+            deadline = _empty(n, -1, cnp.NPY_INT64, self.deadline, n * sizeof(int64_t))
+            sent = _empty(n, -1, cnp.NPY_INT64, self.sent, n * sizeof(int64_t))
+            source = _empty(n, -1, cnp.NPY_INT32, self.source, n * sizeof(int32_t))
         return DecodedBatch(ids=self.ids, entities=self.entities, features=features, deadline_ms=deadline,
                             sent_ms=sent, reply_to=self.reply_to, version=self.version, source=source,
                             errors=self.errors)
+
+
+cdef cnp.ndarray _empty(Py_ssize_t rows, Py_ssize_t columns, int type_number, const void* start, size_t size):
+    """A new C-ordered array of (rows,) or, with columns >= 0, (rows, columns), its first ``size`` bytes copied
+    from ``start``."""
+    cdef cnp.npy_intp dims[2]
+    dims[0] = rows
+    dims[1] = columns
+    cdef cnp.ndarray array = cnp.PyArray_EMPTY(1 if columns < 0 else 2, dims, type_number, 0)
+    if size:
+        memcpy(cnp.PyArray_DATA(array), start, size)
+    return array
 
 
 def decode_batch(messages, spec):
@@ -1031,79 +1096,152 @@ cdef Py_ssize_t _wrap_index(Py_ssize_t index, Py_ssize_t size, str axis) except?
     raise IndexError(f"index {index} is out of bounds for {axis} with size {size}")
 
 
-cdef object _dimensions(object values, int ndim, str what):
-    array = np.asarray(values)
-    if array.ndim != ndim:
-        raise IndexError(f"{what} must be {ndim}-dimensional, got {array.ndim} dimension(s)")
+cdef cnp.ndarray _typed_array(object values, int ndim, int type_number, str what):
+    """``values`` as an ndarray of ``ndim`` dimensions and that numpy type (converted only when it is not)."""
+    cdef cnp.ndarray array = values if type(values) is np.ndarray else np.asarray(values)
+    if cnp.PyArray_NDIM(array) != ndim:
+        raise IndexError(f"{what} must be {ndim}-dimensional, got {cnp.PyArray_NDIM(array)} dimension(s)")
+    if cnp.PyArray_TYPE(array) != type_number:
+        array = array.astype(cnp.PyArray_DescrFromType(type_number))
     return array
 
 
 cdef class _Block:
-    """A ViewBlock as float32/intp views, prepared once per assemble call."""
+    """A ViewBlock's arrays as float32 / int64 with raw pointers and strides, prepared once per assemble call."""
 
-    cdef const float[:, :] values
-    cdef const cnp.intp_t[:] row_of_request
-    cdef const float[:] defaults
+    cdef cnp.ndarray values_array
+    cdef cnp.ndarray rows_array
+    cdef cnp.ndarray defaults_array
+    cdef const char* values
+    cdef const char* row_of_request
+    cdef const char* defaults
+    cdef Py_ssize_t value_rows, value_columns, value_stride, column_stride
+    cdef Py_ssize_t requests, row_stride, default_count, default_stride
+    cdef bint rows_are_int32
 
     def __cinit__(self, block):
-        self.values = _dimensions(block.values, 2, "a view block's values").astype(np.float32, copy=False)
-        self.row_of_request = _dimensions(block.row_of_request, 1, "row_of_request").astype(np.intp, copy=False)
-        self.defaults = _dimensions(block.defaults, 1, "a view block's defaults").astype(np.float32, copy=False)
+        self.values_array = _typed_array(block.values, 2, cnp.NPY_FLOAT32, "a view block's values")
+        rows = block.row_of_request if type(block.row_of_request) is np.ndarray else np.asarray(block.row_of_request)
+        self.rows_are_int32 = cnp.PyArray_TYPE(rows) == cnp.NPY_INT32
+        self.rows_array = rows if self.rows_are_int32 else _typed_array(rows, 1, cnp.NPY_INT64, "row_of_request")
+        if cnp.PyArray_NDIM(self.rows_array) != 1:
+            raise IndexError("row_of_request must be 1-dimensional")
+        self.defaults_array = _typed_array(block.defaults, 1, cnp.NPY_FLOAT32, "a view block's defaults")
+        self.values = cnp.PyArray_BYTES(self.values_array)
+        self.value_rows, self.value_columns = self.values_array.shape[0], self.values_array.shape[1]
+        self.value_stride, self.column_stride = self.values_array.strides[0], self.values_array.strides[1]
+        self.row_of_request = cnp.PyArray_BYTES(self.rows_array)
+        self.requests, self.row_stride = self.rows_array.shape[0], self.rows_array.strides[0]
+        self.defaults = cnp.PyArray_BYTES(self.defaults_array)
+        self.default_count, self.default_stride = self.defaults_array.shape[0], self.defaults_array.strides[0]
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
-    cdef int fill(self, float[:, ::1] matrix, Py_ssize_t out, Py_ssize_t column) except -1:
+    cdef int fill(self, float* matrix, Py_ssize_t rows, Py_ssize_t width, Py_ssize_t out,
+                  Py_ssize_t column) except -1:
         """One output column: each request's row of ``values``, or the view's default where that row is < 0."""
         cdef Py_ssize_t row, view_row, value_column = -1, default_column = -1
-        cdef Py_ssize_t rows = matrix.shape[0], block_rows = self.values.shape[0]
-        if self.row_of_request.shape[0] < rows:
-            raise IndexError(f"index {self.row_of_request.shape[0]} is out of bounds for axis 0 with size "
-                             f"{self.row_of_request.shape[0]}")
+        if self.requests < rows:
+            raise IndexError(f"index {self.requests} is out of bounds for axis 0 with size {self.requests}")
         for row in range(rows):
-            view_row = self.row_of_request[row]
+            if self.rows_are_int32:
+                view_row = (<const int32_t*>(self.row_of_request + row * self.row_stride))[0]
+            else:
+                view_row = (<const int64_t*>(self.row_of_request + row * self.row_stride))[0]
             if view_row < 0:
                 if default_column < 0:
-                    default_column = _wrap_index(column, self.defaults.shape[0], "axis 0")
-                matrix[row, out] = self.defaults[default_column]
-            else:
-                if view_row >= block_rows:
-                    raise IndexError(f"index {view_row} is out of bounds for axis 0 with size {block_rows}")
-                if value_column < 0:
-                    value_column = _wrap_index(column, self.values.shape[1], "axis 1")
-                matrix[row, out] = self.values[view_row, value_column]
+                    default_column = _wrap_index(column, self.default_count, "axis 0")
+                matrix[row * width + out] = (<const float*>(self.defaults + default_column * self.default_stride))[0]
+                continue
+            if view_row >= self.value_rows:
+                raise IndexError(f"index {view_row} is out of bounds for axis 0 with size {self.value_rows}")
+            if value_column < 0:
+                value_column = _wrap_index(column, self.value_columns, "axis 1")
+            matrix[row * width + out] = (<const float*>(self.values + view_row * self.value_stride
+                                                        + value_column * self.column_stride))[0]
         return 0
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef void _copy_column(float[:, ::1] matrix, Py_ssize_t out, const float[:, ::1] request,
-                       Py_ssize_t column) noexcept:
-    cdef Py_ssize_t row
-    for row in range(matrix.shape[0]):
-        matrix[row, out] = request[row, column]
+cdef class _Plan:
+    """The InputColumns of one model, read once: a manifest's column list is the same objects on every call."""
+
+    cdef object columns  # the sequence, kept so that its id is not reused while cached
+    cdef tuple items  # the InputColumn objects, compared by identity (they are frozen)
+    cdef Py_ssize_t width
+    cdef unsigned char* from_request
+    cdef Py_ssize_t* block
+    cdef Py_ssize_t* column
+
+    def __cinit__(self, columns):
+        cdef Py_ssize_t out
+        self.columns = columns
+        self.items = tuple(columns)
+        self.width = len(self.items)
+        self.from_request = <unsigned char*>PyMem_Malloc(max(1, self.width))
+        self.block = <Py_ssize_t*>PyMem_Malloc(max(1, self.width) * sizeof(Py_ssize_t))
+        self.column = <Py_ssize_t*>PyMem_Malloc(max(1, self.width) * sizeof(Py_ssize_t))
+        if self.from_request == NULL or self.block == NULL or self.column == NULL:
+            raise MemoryError()
+        for out, source in enumerate(self.items):
+            self.from_request[out] = bool(source.from_request)
+            self.column[out] = source.column
+            self.block[out] = 0 if self.from_request[out] else source.block
+
+    def __dealloc__(self):
+        PyMem_Free(self.from_request)
+        PyMem_Free(self.block)
+        PyMem_Free(self.column)
+
+    cdef bint describes(self, object columns):
+        cdef Py_ssize_t out
+        if len(columns) != self.width:
+            return False
+        for out in range(self.width):
+            if columns[out] is not self.items[out]:
+                return False
+        return True
+
+
+_plans: dict = {}
+
+
+cdef _Plan _plan_for(object columns):
+    cdef _Plan plan = _plans.get(id(columns))
+    if plan is not None and plan.columns is columns and plan.describes(columns):
+        return plan
+    plan = _Plan(columns)
+    if len(_plans) >= 64:
+        _plans.clear()
+    _plans[id(columns)] = plan
+    return plan
 
 
 def assemble(request_features, blocks, columns):
     """Build the float32 (n x inputs) model input in the manifest's column order."""
-    request = _dimensions(request_features, 2, "request_features")
-    cdef Py_ssize_t rows = request.shape[0], width = len(columns), out
-    cdef float[:, ::1] matrix = np.empty((rows, width), dtype=np.float32)
-    cdef const float[:, ::1] request_view = np.ascontiguousarray(request, dtype=np.float32)
-    cdef dict prepared = {}  # block index -> _Block: each block converted once
+    cdef _Plan plan = _plan_for(columns)
+    cdef cnp.ndarray request = _typed_array(request_features, 2, cnp.NPY_FLOAT32, "request_features")
+    cdef Py_ssize_t rows = request.shape[0], width = plan.width, out, row, column
+    cdef Py_ssize_t request_stride = request.strides[0], request_column_stride = request.strides[1]
+    cdef const char* request_data = cnp.PyArray_BYTES(request)
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = rows, width
+    cdef cnp.ndarray matrix = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+    cdef float* output = <float*>cnp.PyArray_DATA(matrix)
+    cdef dict prepared = {}  # block index -> _Block: each block converted once per call
     cdef _Block block
     for out in range(width):
-        source = columns[out]
-        if source.from_request:
-            _copy_column(matrix, out, request_view, _wrap_index(source.column, request_view.shape[1], "axis 1"))
+        if plan.from_request[out]:
+            column = _wrap_index(plan.column[out], request.shape[1], "axis 1")
+            for row in range(rows):
+                output[row * width + out] = (<const float*>(request_data + row * request_stride
+                                                            + column * request_column_stride))[0]
             continue
-        view_block = blocks[source.block]
+        view_block = blocks[plan.block[out]]
         if rows == 0:  # the twin reads nothing more from a block when there is no row
             continue
-        block = prepared.get(id(view_block))
+        block = prepared.get(plan.block[out])
         if block is None:
-            block = prepared[id(view_block)] = _Block(view_block)
-        block.fill(matrix, out, source.column)
-    return matrix.base
+            block = prepared[plan.block[out]] = _Block(view_block)
+        block.fill(output, rows, width, out, plan.column[out])
+    return matrix
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1224,11 +1362,12 @@ cdef int _pack(_Buffer* out, object value, int nest_limit) except -1:
         return _put(out, b"\xc3", 1)
     if value is False:
         return _put(out, b"\xc2", 1)
-    if PyLong_CheckExact(value):
+    # subclasses too (np.float64, np.str_, IntEnum), in msgpack's order: int, float, (bytes,) str
+    if PyLong_Check(value):
         return _pack_pylong(out, value)
-    if PyFloat_CheckExact(value):
+    if PyFloat_Check(value):
         return _pack_double(out, PyFloat_AS_DOUBLE(value))
-    if PyUnicode_CheckExact(value):
+    if PyUnicode_Check(value) and not PyBytes_Check(value) and not PyByteArray_Check(value):
         return _pack_str(out, value)
     if type(value) is dict:
         _pack_length(out, len(<dict>value), 0x80, 16, 0, 0xde)
@@ -1254,17 +1393,6 @@ cdef int _pack_with_msgpack(_Buffer* out, object value, int nest_limit) except -
     return _put(out, PyBytes_AS_STRING(packed) + depth, PyBytes_GET_SIZE(packed) - depth)
 
 
-cdef bytes _packed(object value, int nest_limit):
-    cdef _Buffer out
-    out.data = NULL
-    out.length = out.capacity = 0
-    try:
-        _pack(&out, value, nest_limit)
-        return PyBytes_FromStringAndSize(out.data, out.length)
-    finally:
-        PyMem_Free(out.data)
-
-
 def _output_value(values, row):
     """The twin's reading of one output row, for arrays the typed path does not cover."""
     if values.ndim == 1:
@@ -1272,63 +1400,81 @@ def _output_value(values, row):
     return [float(value) for value in values[row]]
 
 
-cdef object _typed_column(object values, str kinds, object dtype, int max_ndim):
-    """``values`` as a contiguous array of ``dtype`` when that conversion is exact, else None (generic path)."""
-    if type(values) is not np.ndarray or not 1 <= values.ndim <= max_ndim or values.dtype.kind not in kinds:
+cdef cnp.ndarray _column_as(object values, int max_ndim, str kinds, int type_number):
+    """``values`` with direct typed access when reading it row by row as the twin does gives the same numbers.
+
+    An array of that type is used as it is; another numeric kind in ``kinds`` is converted once (exactly, for
+    these kinds); anything else (object arrays, lists, uint64 for int64) returns None: read per row as the twin.
+    """
+    if type(values) is not np.ndarray:
         return None
-    if dtype is np.int64 and values.dtype.kind == "u" and values.dtype.itemsize >= 8:
-        return None  # a uint64 above INT64_MAX does not fit
-    return np.ascontiguousarray(values, dtype=dtype)
+    cdef cnp.ndarray array = values
+    cdef int ndim = cnp.PyArray_NDIM(array)
+    if ndim < 1 or ndim > max_ndim:
+        return None
+    if cnp.PyArray_TYPE(array) == type_number or (type_number == cnp.NPY_FLOAT64
+                                                  and cnp.PyArray_TYPE(array) == cnp.NPY_FLOAT32):
+        return array
+    if array.dtype.kind not in kinds or (type_number == cnp.NPY_INT64 and array.dtype.kind == "u"
+                                         and array.dtype.itemsize >= 8):
+        return None
+    return array.astype(cnp.PyArray_DescrFromType(type_number))
 
 
 cdef class _Output:
-    """One model output: its packed name and a float64 view of its values (or None: read like the twin)."""
+    """One model output, read per row: float32/float64 directly, other arrays as the twin reads them."""
 
-    cdef bytes name
     cdef object values
-    cdef object typed
-    cdef const double* data
-    cdef Py_ssize_t rows
-    cdef Py_ssize_t width  # -1 for one value per row
+    cdef cnp.ndarray typed
+    cdef const char* data
+    cdef bint single  # float32 (else float64)
+    cdef Py_ssize_t rows, width, row_stride, column_stride  # width -1: one value per row
 
-    def __cinit__(self, name, values):
-        self.name = _packed(name, _RECURSE_LIMIT - 2)
+    def __cinit__(self, values):
         self.values = values
-        self.typed = _typed_column(values, "fiub", np.float64, 2)
-        if self.typed is not None:
-            self.data = <const double*>cnp.PyArray_DATA(self.typed)
-            self.rows = self.typed.shape[0]
-            self.width = self.typed.shape[1] if self.typed.ndim == 2 else -1
+        self.typed = _column_as(values, 2, "fiub", cnp.NPY_FLOAT64)
+        if self.typed is None:
+            return
+        self.data = cnp.PyArray_BYTES(self.typed)
+        self.single = cnp.PyArray_TYPE(self.typed) == cnp.NPY_FLOAT32
+        self.rows, self.row_stride = self.typed.shape[0], self.typed.strides[0]
+        if cnp.PyArray_NDIM(self.typed) == 2:
+            self.width, self.column_stride = self.typed.shape[1], self.typed.strides[1]
+        else:
+            self.width, self.column_stride = -1, 0
+
+    cdef inline double _at(self, Py_ssize_t row, Py_ssize_t column) noexcept:
+        cdef const char* at = self.data + row * self.row_stride + column * self.column_stride
+        return (<const float*>at)[0] if self.single else (<const double*>at)[0]
 
     cdef int pack_row(self, _Buffer* out, Py_ssize_t row) except -1:
         cdef Py_ssize_t column
-        _put(out, PyBytes_AS_STRING(self.name), PyBytes_GET_SIZE(self.name))
         if self.typed is None:
             return _pack(out, _output_value(self.values, row), _RECURSE_LIMIT - 2)
         if row >= self.rows:
             raise IndexError(f"index {row} is out of bounds for axis 0 with size {self.rows}")
         if self.width < 0:
-            return _pack_double(out, self.data[row])
+            return _pack_double(out, self._at(row, 0))
         _pack_length(out, self.width, 0x90, 16, 0, 0xdc)
         for column in range(self.width):
-            _pack_double(out, self.data[row * self.width + column])
+            _pack_double(out, self._at(row, column))
         return 0
 
 
 cdef class _IntColumn:
-    """An int column read per row as ``int(values[row])``, typed when the array allows."""
+    """An int column read per row as ``int(values[row])``: int64 directly, other arrays as the twin reads them."""
 
     cdef object values
-    cdef object typed
-    cdef const int64_t* data
-    cdef Py_ssize_t rows
+    cdef cnp.ndarray typed
+    cdef const char* data
+    cdef Py_ssize_t rows, stride
 
     def __cinit__(self, values):
         self.values = values
-        self.typed = _typed_column(values, "iub", np.int64, 1)
+        self.typed = _column_as(values, 1, "iub", cnp.NPY_INT64)
         if self.typed is not None:
-            self.data = <const int64_t*>cnp.PyArray_DATA(self.typed)
-            self.rows = self.typed.shape[0]
+            self.data = cnp.PyArray_BYTES(self.typed)
+            self.rows, self.stride = self.typed.shape[0], self.typed.strides[0]
 
     cdef int pack_row(self, _Buffer* out, Py_ssize_t row, bint zero_is_nil, int nest_limit) except -1:
         cdef int64_t value
@@ -1337,7 +1483,7 @@ cdef class _IntColumn:
             return _pack(out, (python_value or None) if zero_is_nil else python_value, nest_limit)
         if row >= self.rows:
             raise IndexError(f"index {row} is out of bounds for axis 0 with size {self.rows}")
-        value = self.data[row]
+        value = (<const int64_t*>(self.data + row * self.stride))[0]
         if zero_is_nil and value == 0:
             return _put(out, b"\xc0", 1)
         return _pack_int64(out, value)
@@ -1347,60 +1493,113 @@ cdef object _as_list(object values):
     return values if type(values) is list else list(values)
 
 
-cdef class _Lineage:
-    """``{**lineage, "feature_ts_ms": ...}`` packed once: the entries before and after feature_ts_ms."""
+cdef inline int _put_part(_Buffer* out, const _Buffer* parts, Py_ssize_t start, Py_ssize_t end) except -1:
+    return _put(out, parts.data + start, end - start)
 
-    cdef bytes before
-    cdef bytes after
-    cdef Py_ssize_t size
-    cdef list views  # packed view names
+
+cdef class _Encoder:
+    """The parts of one PredictionBatch that every row shares, packed once into ``parts``."""
+
+    cdef _Buffer parts
+    cdef Py_ssize_t[5] cut  # parts: [0, cut0) model..status key; [cut0, cut1) lineage up to feature_ts_ms;
+    # [cut1, cut2) the packed view names; [cut2, cut3) rest of lineage, timings_us, received_ms key; [cut3, cut4) sent
+    cdef list views  # (start, end) of each view name in parts
     cdef list timestamps  # _IntColumn per view
+    cdef list output_names  # (start, end) of each output name in parts
+    cdef list outputs  # _Output per output
 
-    def __cinit__(self, lineage, feature_ts_ms):
-        cdef int limit = _RECURSE_LIMIT - 2  # the lineage map's entries
-        entries = dict(lineage)
+    def __cinit__(self):
+        self.parts.data = NULL
+        self.parts.length = self.parts.capacity = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.parts.data)
+
+    cdef int prepare(self, object batch, object sent_ms) except -1:
+        """Pack what is shared, in the twin's key order, at the depth each value has in the prediction."""
+        cdef _Buffer* parts = &self.parts
+        cdef int value_limit = _RECURSE_LIMIT - 1, entry_limit = _RECURSE_LIMIT - 2
+        _put(parts, b"\xa5model", 6)
+        _pack(parts, batch.model, value_limit)
+        _put(parts, b"\xa7version", 8)
+        _pack(parts, batch.version, value_limit)
+        _put(parts, b"\xa6status", 7)
+        self.cut[0] = parts.length
+        entries = dict(batch.lineage)
         entries["feature_ts_ms"] = None  # keeps its place when lineage already has the key, as ** does
         keys = list(entries)
         split = keys.index("feature_ts_ms")
-        self.before = b"".join(_packed(key, limit) + _packed(entries[key], limit) for key in keys[:split])
-        self.after = b"".join(_packed(key, limit) + _packed(entries[key], limit) for key in keys[split + 1:])
-        self.size = len(keys)
-        self.views = [_packed(view, limit - 1) for view in feature_ts_ms]
-        self.timestamps = [_IntColumn(timestamps) for timestamps in feature_ts_ms.values()]
+        _put(parts, b"\xa7lineage", 8)
+        _pack_length(parts, len(keys), 0x80, 16, 0, 0xde)
+        for key in keys[:split]:
+            _pack(parts, key, entry_limit)
+            _pack(parts, entries[key], entry_limit)
+        _put(parts, b"\xadfeature_ts_ms", 14)
+        feature_ts_ms = batch.feature_ts_ms
+        _pack_length(parts, len(feature_ts_ms), 0x80, 16, 0, 0xde)
+        self.cut[1] = parts.length
+        self.views, self.timestamps = [], []
+        for view, timestamps in feature_ts_ms.items():
+            start = parts.length
+            _pack(parts, view, entry_limit - 1)
+            self.views.append((start, parts.length))
+            self.timestamps.append(_IntColumn(timestamps))
+        self.cut[2] = parts.length
+        for key in keys[split + 1:]:
+            _pack(parts, key, entry_limit)
+            _pack(parts, entries[key], entry_limit)
+        _put(parts, b"\xaatimings_us", 11)
+        _pack(parts, batch.timings_us, value_limit)
+        _put(parts, b"\xabreceived_ms", 12)
+        self.cut[3] = parts.length
+        _put(parts, b"\xa7sent_ms", 8)
+        _pack(parts, sent_ms, value_limit)
+        self.cut[4] = parts.length
+        self.output_names, self.outputs = [], []
+        for name, values in batch.outputs.items():
+            start = parts.length
+            _pack(parts, name, entry_limit)
+            self.output_names.append((start, parts.length))
+            self.outputs.append(_Output(values))
+        return 0
 
-    cdef int pack_row(self, _Buffer* out, Py_ssize_t row) except -1:
+    cdef int pack_outputs(self, _Buffer* out, Py_ssize_t row) except -1:
         cdef Py_ssize_t index
-        _pack_length(out, self.size, 0x80, 16, 0, 0xde)
-        _put(out, PyBytes_AS_STRING(self.before), PyBytes_GET_SIZE(self.before))
-        _put(out, b"\xadfeature_ts_ms", 14)
-        _pack_length(out, len(self.views), 0x80, 16, 0, 0xde)
+        cdef Py_ssize_t start, end
+        _pack_length(out, len(self.outputs), 0x80, 16, 0, 0xde)
+        for index in range(len(self.outputs)):
+            start, end = self.output_names[index]
+            _put_part(out, &self.parts, start, end)
+            (<_Output>self.outputs[index]).pack_row(out, row)
+        return 0
+
+    cdef int pack_lineage(self, _Buffer* out, Py_ssize_t row) except -1:
+        cdef Py_ssize_t index
+        cdef Py_ssize_t start, end
+        _put_part(out, &self.parts, self.cut[0], self.cut[1])
         for index in range(len(self.views)):
-            _put(out, PyBytes_AS_STRING(self.views[index]), PyBytes_GET_SIZE(self.views[index]))
+            start, end = self.views[index]
+            _put_part(out, &self.parts, start, end)
             (<_IntColumn>self.timestamps[index]).pack_row(out, row, True, _RECURSE_LIMIT - 3)
-        return _put(out, PyBytes_AS_STRING(self.after), PyBytes_GET_SIZE(self.after))
-
-
-cdef inline int _put_bytes(_Buffer* out, bytes data) except -1:
-    return _put(out, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return _put_part(out, &self.parts, self.cut[2], self.cut[3])
 
 
 def encode_predictions(batch, sent_ms):
     """One msgpack map per prediction, keys in the documented order: the bytes ``msgpack.packb`` gives."""
     cdef list ids = _as_list(batch.ids)
-    cdef Py_ssize_t rows = len(ids), row, index
+    cdef Py_ssize_t rows = len(ids), row
     cdef list encoded = []
     cdef _Buffer out
     cdef int value_limit = _RECURSE_LIMIT - 1
+    cdef _Encoder shared
     if rows == 0:
         return encoded
     status, errors, degraded = _as_list(batch.status), _as_list(batch.errors), _as_list(batch.degraded)
     for column in (status, errors, degraded):
         if len(column) < rows:
             raise IndexError("list index out of range")
-    model, version = _packed(batch.model, value_limit), _packed(batch.version, value_limit)
-    outputs = [_Output(name, values) for name, values in batch.outputs.items()]
-    lineage = _Lineage(batch.lineage, batch.feature_ts_ms)
-    timings, sent = _packed(batch.timings_us, value_limit), _packed(sent_ms, value_limit)
+    shared = _Encoder()
+    shared.prepare(batch, sent_ms)
     received = _IntColumn(batch.received_ms)
     out.data = NULL
     out.length = out.capacity = 0
@@ -1409,18 +1608,12 @@ def encode_predictions(batch, sent_ms):
             out.length = 0
             _put(&out, b"\x8b\xa2id", 4)
             _pack(&out, ids[row], value_limit)
-            _put(&out, b"\xa5model", 6)
-            _put_bytes(&out, model)
-            _put(&out, b"\xa7version", 8)
-            _put_bytes(&out, version)
+            _put_part(&out, &shared.parts, 0, shared.cut[0])
             row_status = status[row]
-            _put(&out, b"\xa6status", 7)
             _pack(&out, row_status, value_limit)
             _put(&out, b"\xa7outputs", 8)
             if row_status == "ok":
-                _pack_length(&out, len(outputs), 0x80, 16, 0, 0xde)
-                for index in range(len(outputs)):
-                    (<_Output>outputs[index]).pack_row(&out, row)
+                shared.pack_outputs(&out, row)
             else:
                 _put(&out, b"\x80", 1)
             error = errors[row]
@@ -1434,14 +1627,9 @@ def encode_predictions(batch, sent_ms):
                 _pack(&out, error[1], value_limit - 1)
             _put(&out, b"\xa8degraded", 9)
             _pack(&out, degraded[row], value_limit)
-            _put(&out, b"\xa7lineage", 8)
-            lineage.pack_row(&out, row)
-            _put(&out, b"\xaatimings_us", 11)
-            _put_bytes(&out, timings)
-            _put(&out, b"\xabreceived_ms", 12)
+            shared.pack_lineage(&out, row)
             received.pack_row(&out, row, False, value_limit)
-            _put(&out, b"\xa7sent_ms", 8)
-            _put_bytes(&out, sent)
+            _put_part(&out, &shared.parts, shared.cut[3], shared.cut[4])
             encoded.append(PyBytes_FromStringAndSize(out.data, out.length))
     finally:
         PyMem_Free(out.data)
