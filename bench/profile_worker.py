@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -68,13 +70,38 @@ async def preload(env: dict[str, str], count: int) -> None:
         await asyncio.gather(*futures)
 
 
+def _get(port: str, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+        return response.read().decode()
+
+
+def stage_seconds(port: str) -> dict[str, float]:
+    """Per-stage time summed over all batches, from the worker's /metrics."""
+    sums = {}
+    for line in _get(port, "/metrics").splitlines():
+        match = re.match(r'streamscore_stage_seconds_sum\{model="fraud",stage="(\w+)"\} (\S+)', line)
+        if match:
+            sums[match.group(1)] = float(match.group(2))
+    return sums
+
+
+def answered(port: str) -> int:
+    try:
+        return int(json.loads(_get(port, "/status"))["fraud"]["answered"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--seconds", type=int, default=20, help="How long py-spy records.")
+    parser.add_argument("--purepython", action="store_true", help="Run the worker with the pure-Python twins.")
     args = parser.parse_args()
-    env = {"STREAMSCORE_TOPIC_PREFIX": f"prof{uuid.uuid4().hex[:6]}", "STREAMSCORE_WORKER__WEB_PORT": "6099"}
+    port = "6099"
+    env = {"STREAMSCORE_TOPIC_PREFIX": f"prof{uuid.uuid4().hex[:6]}", "STREAMSCORE_WORKER__WEB_PORT": port,
+           "STREAMSCORE_PUREPYTHON": "1" if args.purepython else "0"}
     print(f"preloading {args.requests} requests under prefix {env['STREAMSCORE_TOPIC_PREFIX']}", file=sys.stderr)
     asyncio.run(preload(env, args.requests))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -82,23 +109,38 @@ def main() -> None:
     worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", "fraud"],
                               env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(6)  # model load and group join happen before the backlog is touched
+        deadline = time.monotonic() + 60
+        while answered(port) == 0:  # model load and group join happen before the backlog is touched
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise SystemExit("the worker did not start answering")
+            time.sleep(0.1)
+        started, first = time.monotonic(), answered(port)
         subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(worker.pid),
                         "--duration", str(args.seconds), "--rate", "250", "--format", "raw", "--nonblocking",
                         "--output", str(raw)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elapsed, done = time.monotonic() - started, answered(port)
+        stages = stage_seconds(port)
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
     shares: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         shares[classify(stack)] += int(count)
     total = sum(shares.values()) or 1
-    report = {"label": args.label, "requests": args.requests, "samples": total,
-              "share": {stage: round(count / total, 4) for stage, count in shares.most_common()}}
+    wall = {stage: round(seconds / elapsed, 4) for stage, seconds in stages.items()}
+    report = {"label": args.label, "purepython": args.purepython, "requests": args.requests,
+              "answered_per_s": round((done - first) / elapsed), "samples": total,
+              "stage_share_of_wall_time": wall | {"outside the pipeline": round(1 - sum(wall.values()), 4)},
+              "sampled_share": {stage: round(count / total, 4) for stage, count in shares.most_common()}}
     (RESULTS / f"profile_{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| stage | share of samples ({args.label}) |\n|---|---|")
-    for stage, share in report["share"].items():
+    print(f"{args.label}: {report['answered_per_s']} answered/s")
+    print(f"| stage | share of wall time ({args.label}) |\n|---|---|")
+    for stage, share in report["stage_share_of_wall_time"].items():
         print(f"| {stage} | {share:.1%} |")
 
 
