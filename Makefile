@@ -22,3 +22,6 @@ stack-down:
 
 bench-fastpath: bootstrap
 	.venv/bin/python -m bench.fastpath_bench
+
+bench: bootstrap
+	.venv/bin/streamscore bench

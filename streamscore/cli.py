@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -265,3 +266,34 @@ def demo(count: int, rate: float) -> None:
         run_demo(settings, count, rate or None, echo=click.echo)
     except DemoFailed as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+# --- bench ----------------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--smoke", is_flag=True, help="A seconds-long run that only shows the benchmark works.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True, help="Folder for e2e.json, e2e.md and e2e.png.")
+@click.option("--requests", "count", type=click.IntRange(min=32), default=None,
+              help="Backlog of each max-throughput run (default 60000; smoke 1024); the per-event Faust "
+                   "baseline gets a twelfth (smoke: a quarter).")
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=None,
+              help="Length of each latency run (default 20; smoke 3).")
+def bench(smoke: bool, out_dir: Path, count: int | None, seconds: float | None) -> None:
+    """End-to-end benchmark on the local stack: raw aiokafka vs per-event Faust vs the streamscore worker."""
+    from streamscore.bench import BenchFailed
+    from streamscore.bench.harness import make_plan, run_bench
+
+    settings = _settings()
+    _setup_logging("WARNING")
+    try:
+        results = run_bench(settings, make_plan(smoke, count, seconds), out_dir, echo=click.echo)
+    except BenchFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    for target in results["targets"].values():
+        value = "-" if target["value"] is None else f"{target['value']:.2f}"
+        click.echo(f"   {'met ' if target['met'] else 'MISS'}  {target['description']}: {value} "
+                   f"({target['op']} {target['target']:g})")
+    if not results["all_answered"]:
+        raise click.ClickException(f"some requests were never answered (see 'answered' in {out_dir / 'e2e.json'}): "
+                                   "the figures of those runs do not mean what they say")
