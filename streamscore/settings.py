@@ -100,7 +100,7 @@ class StackSettings(_Strict):
 
 
 class WorkerSettings(_Strict):
-    batch_max: int = 512
+    batch_max: int = 2048
     """Most requests handled as one batch."""
     batch_window_ms: int = 10
     """Longest wait to fill a batch before it is processed anyway."""
