@@ -141,6 +141,7 @@ class CassandraStore:
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._select: dict[str, PreparedStatement] = {}
+        self._select_in: dict[str, PreparedStatement] = {}
         self._insert: dict[str, PreparedStatement] = {}
 
     @property
@@ -176,6 +177,9 @@ class CassandraStore:
         self._select[view.name] = self.session.prepare(
             f"SELECT {names}, event_ts_ms FROM {self._table(view)} WHERE entity = ?"
         )
+        self._select_in[view.name] = self.session.prepare(
+            f"SELECT entity, {names}, event_ts_ms FROM {self._table(view)} WHERE entity IN ?"
+        )
         self._insert[view.name] = self.session.prepare(
             f"INSERT INTO {self._table(view)} (entity, {names}, event_ts_ms) VALUES (?, {marks}, ?) USING TTL ?"
         )
@@ -200,10 +204,30 @@ class CassandraStore:
                                           f"{failures[0]!r}")
 
     async def get_many(self, requests: Sequence[tuple[str, str]]) -> list[StoredRow | BaseException | None]:
-        """Read (view, entity) pairs in one concurrent round; each result is the row, None, or the error."""
-        work = [(self._select[view_name], (entity,)) for view_name, entity in requests]
-        results = await self._round(work)
-        return [_first_row(result) for result in results]
+        """Read (view, entity) pairs in one concurrent round; each result is the row, None, or the error.
+
+        Keys are read ``read_chunk`` at a time with ``IN`` queries, all chunks concurrently: the driver's
+        per-query cost, not Cassandra, bounded per-key reads. A failed chunk fails only its own keys."""
+        chunk = max(1, self.settings.read_chunk)
+        if chunk == 1:
+            results = await self._round([(self._select[view], (entity,)) for view, entity in requests])
+            return [_first_row(result) for result in results]
+        by_view: dict[str, list[str]] = {}
+        for view, entity in requests:
+            by_view.setdefault(view, []).append(entity)
+        queries: list[tuple[str, list[str]]] = []
+        for view, entities in by_view.items():
+            distinct = list(dict.fromkeys(entities))
+            queries.extend((view, distinct[start:start + chunk]) for start in range(0, len(distinct), chunk))
+        results = await self._round([(self._select_in[view], (keys,)) for view, keys in queries])
+        found: dict[tuple[str, str], StoredRow | BaseException] = {}
+        for (view, keys), result in zip(queries, results, strict=True):
+            if isinstance(result, BaseException):
+                found.update(((view, key), result) for key in keys)
+                continue
+            for row in result or ():
+                found[(view, row[0])] = _stored(row[1:])
+        return [found.get(request) for request in requests]
 
     async def _round(self, work: list[tuple[PreparedStatement, tuple]]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -214,8 +238,10 @@ def _first_row(result: Any) -> StoredRow | BaseException | None:
     if isinstance(result, BaseException):
         return result
     rows = list(result) if result is not None else []
-    if not rows:
-        return None
-    row = rows[0]
+    return _stored(rows[0]) if rows else None
+
+
+def _stored(row: Sequence[Any]) -> StoredRow:
+    """Feature columns then event_ts_ms, as read."""
     values = [None if value is None else float(value) for value in row[:-1]]
     return values, int(row[-1] or 0)

@@ -51,8 +51,11 @@ class CassandraSettings(_Strict):
     """Password for PasswordAuthenticator; never logged."""
     ssl_cafile: Path | None = None
     """CA bundle; setting it turns TLS on."""
-    read_concurrency: int = 256
-    """Most concurrent reads in flight for one batch of keys."""
+    read_concurrency: int = 64
+    """Most concurrent read queries in flight for one batch of keys."""
+    read_chunk: int = 32
+    """Keys per read query (``WHERE entity IN ...``). Measured here: a read per key costs ~0.27 ms of driver
+    time each, a 32-key IN ~0.08 ms per key. 1 gives one token-aware read per key (big clusters, few misses)."""
     request_timeout_s: float = 2.0
     """Per-request timeout of the driver."""
 
