@@ -19,7 +19,7 @@ from typing import Any
 from cassandra import ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
-from cassandra.policies import RoundRobinPolicy
+from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
 from streamscore.settings import CassandraSettings
@@ -63,6 +63,9 @@ def connect(settings: CassandraSettings) -> tuple[Cluster, Session]:
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=5,
         connect_timeout=5,
+        # the driver's default backs off to 10 minutes between attempts: after a long outage, requests would
+        # keep getting defaults long after Cassandra is back. An attempt every few seconds costs nothing.
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.5, max_delay=5.0),
     )
     try:
         session = cluster.connect()

@@ -105,6 +105,9 @@ class FeatureStore:
         self.online = CassandraStore(settings.cassandra, self.views)
         self.cache = FeatureCache(settings.redis, settings.topic_prefix) if use_cache else None
         self.store_errors = 0
+        """Cassandra reads that failed (those requests got the view's defaults, marked unavailable)."""
+        self._store_down_since: float | None = None
+        self._errors_before_outage = 0
 
     def connect(self, create_schema: bool = True) -> None:
         self.online.connect(create=create_schema)
@@ -178,13 +181,22 @@ class FeatureStore:
                 to_cache.append((table.view.name, table.entities[position], packed))
         if failures:
             self._note_store_errors(len(failures), failures[0], len(stored))
+        elif self._store_down_since is not None:
+            log.warning("Cassandra answers again after %.1f s; %d reads failed meanwhile",
+                        time.monotonic() - self._store_down_since, self.store_errors - self._errors_before_outage)
+            self._store_down_since = None
         if self.cache is not None:
             await self.cache.put_many(to_cache)
 
     def _note_store_errors(self, failures: int, first: BaseException, asked: int) -> None:
-        if self.store_errors == 0 or failures == asked:
-            log.warning("Cassandra reads failed for %d of %d entities (%r): those requests use view defaults and "
-                        "are marked degraded", failures, asked, first)
+        """Logged once per outage (a line per batch would flood the log while Cassandra is away), and once
+        when reads succeed again; ``store_errors`` counts every failed read."""
+        if self._store_down_since is None:
+            self._store_down_since = time.monotonic()
+            self._errors_before_outage = self.store_errors
+            log.warning("Cassandra reads failed for %d of %d entities (%r): until it answers again, requests "
+                        "whose rows are not cached get the view defaults, marked <view>:unavailable:<entity>",
+                        failures, asked, first)
         self.store_errors += failures
 
     def _view(self, name: str) -> FeatureView:

@@ -9,6 +9,7 @@ batch's offsets are committed once Kafka acknowledged all of them: a crash may r
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 
 import faust
 import mode
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import FeatureView, load_views
@@ -31,7 +33,18 @@ from .client import ensure_topics
 from .delivery import BatchDelivery, Flight
 from .kafka import faust_broker, faust_credentials
 from .metrics import WorkerMetrics
-from .wire import HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_MODEL, HEADER_SOURCE
+from .wire import (
+    HEADER_DESTINATION,
+    HEADER_ERROR_KIND,
+    HEADER_ERROR_MESSAGE,
+    HEADER_FAILED_MS,
+    HEADER_MODEL,
+    HEADER_REQUEST_ID,
+    HEADER_SOURCE,
+    UNDELIVERABLE,
+    bounded_letter,
+    now_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,7 @@ class ModelAgent:
         self.pending_model: ModelRuntime | None = None
         """A newer version, loaded and verified; swapped in between two batches."""
         self._refused: set[tuple[str, float]] = set()
+        self._retries: set[asyncio.Future] = set()
 
     async def handle(self, flight: Flight) -> None:
         """Score a batch and queue its messages; the flight is acknowledged once Kafka has all of them."""
@@ -63,8 +77,7 @@ class ModelAgent:
                         self.pipeline.model.manifest.sha256[:12], previous.version)
             self.report_model()
         outcome = await self._process(flight.records)
-        acked = await self._queue([*outcome.predictions, *outcome.dead_letters])
-        acked.add_done_callback(lambda _: _resolve(flight.acked))
+        await self._publish(flight, [*outcome.predictions, *outcome.dead_letters])
         self.batches += 1
         self.answered += outcome.answered
         self.expired += outcome.expired
@@ -97,21 +110,39 @@ class ModelAgent:
             self._refused.add(stamp)
             log.error("%s: refusing v%s, still serving v%s: %s", current.name, newest, current.version, exc)
 
+    async def _publish(self, flight: Flight, messages: list[Outbound]) -> None:
+        """Queue the messages; the flight is acknowledged when Kafka has every one of them, and only then."""
+        acked = await self._queue(messages)
+        acked.add_done_callback(functools.partial(self._acknowledged, flight, messages))
+
+    def _acknowledged(self, flight: Flight, messages: list[Outbound], acked: asyncio.Future) -> None:
+        if acked.cancelled():  # the worker is stopping: the batch stays uncommitted and is read again
+            return
+        if acked.exception() is None:
+            _resolve(flight.acked)
+            return
+        log.error("publishing a batch of %d messages failed (%r); publishing it again", len(messages),
+                  acked.exception())
+        retry = asyncio.ensure_future(self._publish(flight, messages))
+        self._retries.add(retry)
+        retry.add_done_callback(self._retries.discard)
+
     async def _queue(self, messages: list[Outbound]) -> asyncio.Future:
         """Hand the messages to the producer; if even that fails (no metadata: the broker is away), wait and
         try again: the batch is never dropped, and its offsets do not move until it is acknowledged."""
         assert self.delivery is not None and self.delivery.publisher is not None
         for attempt in itertools.count():
             try:
-                return await self.delivery.publisher.publish(messages)
+                return await self.delivery.publisher.publish(messages, self._undeliverable)
             except Exception as exc:
                 log.warning("could not queue %d messages (%r); trying again", len(messages), exc)
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
         raise AssertionError("unreachable")
 
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
-        """Run the pipeline; a batch that keeps failing is dead-lettered whole rather than lost, or retried
-        forever while it holds up its partitions (a poison batch)."""
+        """Run the pipeline, trying again on failure; a batch that keeps failing is split to find the messages
+        at fault: only those are dead-lettered (processing_failed), never lost nor retried forever while they
+        hold up their partitions (a poison batch), and the rest of the batch is answered."""
         for attempt in range(1, _PIPELINE_ATTEMPTS + 1):
             try:
                 return await self.pipeline.process(batch)
@@ -120,7 +151,23 @@ class ModelAgent:
                               _PIPELINE_ATTEMPTS)
                 last = exc
                 await asyncio.sleep(0.2 * attempt)
-        return BatchOutcome([], [self._failed_letter(message, last) for message in batch], 0, 0, {})
+        return await self._isolate(batch, last)
+
+    async def _isolate(self, batch: list[Inbound], failure: BaseException) -> BatchOutcome:
+        """Halves tried once each, recursively, down to the single messages that fail on their own."""
+        if len(batch) == 1:
+            return BatchOutcome([], [self._failed_letter(batch[0], failure)], 0, 0, {})
+        middle = len(batch) // 2
+        outcomes = []
+        for half in (batch[:middle], batch[middle:]):
+            try:
+                outcomes.append(await self.pipeline.process(half))
+            except Exception as exc:
+                outcomes.append(await self._isolate(half, exc))
+        first, second = outcomes
+        return BatchOutcome(first.predictions + second.predictions, first.dead_letters + second.dead_letters,
+                            first.answered + second.answered, first.expired + second.expired,
+                            second.timings_us or first.timings_us, first.failed + second.failed)
 
     def _failed_letter(self, message: Inbound, exc: BaseException) -> Outbound:
         headers = [
@@ -129,7 +176,25 @@ class ModelAgent:
             (HEADER_MODEL, self.pipeline.model.name.encode()),
             (HEADER_SOURCE, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ]
-        return Outbound(self.pipeline.dlq_topic, message.key, message.value, headers)
+        return Outbound(self.pipeline.dlq_topic, *bounded_letter(message.key, message.value, headers))
+
+    def _undeliverable(self, message: Outbound, error: BaseException) -> Outbound | None:
+        """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
+        missing, invalid or not writable): the prediction itself, the topic and the reason in the headers.
+        None for the worker's own topics: those are retried until an operator fixes them."""
+        topic, key, value = message[0], message[1], message[2]
+        if topic in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):
+            return None
+        headers = [
+            (HEADER_ERROR_KIND, UNDELIVERABLE.encode()),
+            (HEADER_ERROR_MESSAGE, f"Kafka refused the prediction on topic {topic!r}: {error!r}".encode()),
+            (HEADER_MODEL, self.pipeline.model.name.encode()),
+            (HEADER_DESTINATION, topic.encode()),
+            (HEADER_FAILED_MS, str(now_ms()).encode()),
+        ]
+        if key:
+            headers.append((HEADER_REQUEST_ID, key))
+        return Outbound(self.pipeline.dlq_topic, *bounded_letter(key, value, headers))
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -153,6 +218,11 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         topic_partitions=settings.worker.partitions,
         topic_replication_factor=1,
         web_port=settings.worker.web_port,
+        # Faust's own consumer group carries nothing here (the batches come through BatchDelivery's group),
+        # but a worker starts serving only once Faust joined it, and a killed member holds that join up for
+        # its whole session timeout: 60 s by default, 10 s here (as Kafka clients' own default).
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
     )
@@ -179,10 +249,27 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
     return app, agents
 
 
+class FlightChannel(faust.Channel):
+    """An in-memory channel of Flights that Faust's flow control leaves alone.
+
+    Faust suspends and clears agents' buffers whenever its own consumer group rebalances (a worker joining,
+    leaving or killed), and until the first assignment: right for events Faust re-reads from Kafka, not for
+    Flights. A Flight put on hold stalls the batch path for as long as that group takes (a killed member's
+    whole session timeout); a Flight cleared is never acknowledged, so the in-order commits behind it wait
+    forever and the revocation that follows never finishes draining. This queue has a flow control of its
+    own that is never suspended."""
+
+    @property
+    def queue(self) -> Any:
+        if self._queue is None:
+            self._queue = ThrowableQueue(maxsize=self.maxsize, flow_control=FlowControlEvent(initially_suspended=False))
+        return self._queue
+
+
 def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
     """A Faust agent reading whole batches (Flights) from an in-memory channel: one event per batch."""
     name = agent.pipeline.model.name
-    channel = app.channel(maxsize=8)
+    channel = FlightChannel(app, maxsize=8)
 
     async def score(stream: Any) -> None:
         async for flight in stream:
@@ -201,6 +288,14 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
             super().__init__(settings, channels, **kwargs)
             for agent in agents.values():
                 agent.delivery = self
+
+    @app.on_before_shutdown.connect
+    async def finish_batches(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Faust stops the agents and the feature store before the services it was given: stop fetching and
+        finish the batches in flight first, so a worker stopped with SIGTERM commits all it answered."""
+        delivery = next(iter(agents.values())).delivery
+        if delivery is not None:
+            await delivery.finish()
 
     @app.service
     class FeatureStoreService(mode.Service):
@@ -249,8 +344,20 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent], store: Fea
                                 "dead_lettered": agent.dead_lettered, "batches": agent.batches,
                                 "model_version": agent.pipeline.model.version,
                                 "artifact_sha256": agent.pipeline.model.manifest.sha256,
-                                "provider": agent.pipeline.model.provider, "last_timings_us": agent.last_timings}
+                                "provider": agent.pipeline.model.provider, "last_timings_us": agent.last_timings,
+                                "feature_store": _store_counters(agent.pipeline.store)}
                          for name, agent in agents.items()})
+
+
+def _store_counters(store: FeatureStore) -> dict[str, Any]:
+    """Cache use (``bypassed``: batches read straight from Cassandra because Redis did not answer) and the
+    Cassandra reads that failed (those requests got the view defaults, marked unavailable)."""
+    cache = store.cache
+    return {
+        "cache": None if cache is None else {"bypassed": cache.bypassed, "hits": cache.hits,
+                                             "misses": cache.misses, "available": cache.available},
+        "store_errors": store.store_errors,
+    }
 
 
 def _tune_gc() -> None:

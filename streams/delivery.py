@@ -27,13 +27,21 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from streamscore.settings import Settings
 from streamscore.workers.pipeline import Inbound, Outbound
@@ -55,36 +63,108 @@ class Flight:
     fetched_at: float = field(default_factory=time.monotonic)
 
 
+Substitute = Callable[[Outbound, BaseException], "Outbound | None"]
+"""What to publish instead of a message Kafka will never take (a dead letter saying why), or None to keep
+trying (the worker's own topics: an operator has to fix those, and nothing is dropped meanwhile)."""
+
+_NEVER_ACCEPTED = (InvalidTopicError, TopicAuthorizationFailedError, MessageSizeTooLargeError,
+                   RecordListTooLargeError)
+"""Broker answers after which a producer batch is refused however often it is sent again: retrying it would
+hold its partitions, and every commit behind them, forever (a poison message)."""
+_UNWRITABLE_MEMORY_S = 60.0
+"""How long a topic found unwritable is not asked about again (a flood naming it costs one metadata wait)."""
+
+
 class BatchPublisher:
     """Publishes a batch's messages as producer batches, one per (topic, partition), and resolves one future
     once Kafka acknowledged all of them. Batches that fail are sent again (only those) until they succeed,
-    so the future only ever resolves when everything is acknowledged."""
+    so the future only ever resolves when everything is acknowledged.
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    Except for messages Kafka will never take (a topic that is invalid, internal, missing or not writable, a
+    message over the broker's size limit): those are handed to ``substitute`` and its replacement (a dead
+    letter) is published instead, so one bad destination cannot stall the worker."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic_wait_s: float = 5.0) -> None:
         self.producer = producer
+        self.topic_wait_s = topic_wait_s
+        """Longest wait for a new topic's metadata before asking whether the cluster answers at all."""
         self._partitions: dict[str, int] = {}
+        self._unwritable: dict[str, tuple[BaseException, float]] = {}
         self.resent = 0
+        self.substituted = 0
 
-    async def publish(self, messages: Sequence[Outbound]) -> asyncio.Future:
-        groups = await self._group(messages)
+    async def publish(self, messages: Sequence[Outbound], substitute: Substitute | None = None) -> asyncio.Future:
+        groups = await self._group(messages, substitute)
         sends = [await self._send(topic, partition, group) for (topic, partition), group in groups.items()]
-        return asyncio.ensure_future(self._confirm(sends))
+        return asyncio.ensure_future(self._confirm(sends, substitute))
 
-    async def _group(self, messages: Sequence[Outbound]) -> dict[tuple[str, int], list[Outbound]]:
-        groups: dict[tuple[str, int], list[Outbound]] = {}
+    async def _group(self, messages: Sequence[Outbound], substitute: Substitute | None
+                     ) -> dict[tuple[str, int], list[Outbound]]:
         counts = self._partitions
+        new_topics = {message[0] for message in messages} - counts.keys()
+        if new_topics:
+            unwritable = await self._learn(new_topics)
+            if unwritable:
+                messages = self._substituted(messages, unwritable, substitute)
+                self._remember_unwritable(unwritable)
+                await self._learn({message[0] for message in messages} - counts.keys(), must=True)
+        groups: dict[tuple[str, int], list[Outbound]] = {}
         for message in messages:
             topic, key = message[0], message[1]  # Outbound or a plain tuple of the same shape
-            count = counts.get(topic) or await self._partition_count(topic)
             # crc32 is C-speed and deterministic: repeats of a prediction (same key) land on one partition
-            partition = zlib.crc32(key) % count if key else 0
+            partition = zlib.crc32(key) % counts[topic] if key else 0
             groups.setdefault((topic, partition), []).append(message)
         return groups
 
+    async def _learn(self, topics: set[str], must: bool = False) -> dict[str, BaseException]:
+        """Learn the partition counts of new topics; return the ones Kafka will not take, with why. When no
+        broker answers at all, nothing is any topic's fault: that raises, and the caller tries again later."""
+        now = time.monotonic()
+        known_bad = {topic: self._unwritable[topic][0] for topic in topics
+                     if topic in self._unwritable and self._unwritable[topic][1] > now}
+        asked = sorted(topics - known_bad.keys())
+        results = await asyncio.gather(*(self._partition_count(topic) for topic in asked), return_exceptions=True)
+        failed = {topic: result for topic, result in zip(asked, results, strict=True)
+                  if isinstance(result, BaseException)}
+        if failed:
+            if must:
+                raise next(iter(failed.values()))
+            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), self.topic_wait_s)
+        return {**known_bad, **failed}
+
+    def _remember_unwritable(self, unwritable: dict[str, BaseException]) -> None:
+        """Topics whose messages were replaced: not asked about again for a while. (Only those: a topic of the
+        worker's own that was slow to answer is asked again at once, never held as unwritable.)"""
+        now = time.monotonic()
+        if len(self._unwritable) > 10_000:
+            self._unwritable.clear()
+        for topic, error in unwritable.items():
+            if topic not in self._unwritable or self._unwritable[topic][1] <= now:
+                log.warning("topic %r cannot be written (%r): its messages are dead-lettered for %.0f s", topic,
+                            error, _UNWRITABLE_MEMORY_S)
+                self._unwritable[topic] = (error, now + _UNWRITABLE_MEMORY_S)
+
     async def _partition_count(self, topic: str) -> int:
-        partitions = await self.producer.partitions_for(topic)
+        try:
+            partitions = await asyncio.wait_for(self.producer.partitions_for(topic), self.topic_wait_s)
+        except TimeoutError:
+            raise UnknownTopicOrPartitionError(f"no metadata for topic {topic!r} within {self.topic_wait_s} s"
+                                               ) from None
         self._partitions[topic] = len(partitions)
         return len(partitions)
+
+    def _substituted(self, messages: Sequence[Outbound], unwritable: dict[str, BaseException],
+                     substitute: Substitute | None) -> list[Outbound]:
+        """The messages with those for unwritable topics replaced; raises when one has no replacement."""
+        result = []
+        for message in messages:
+            error = unwritable.get(message[0])
+            replacement = message if error is None else substitute(message, error) if substitute else None
+            if replacement is None:
+                raise unwritable[message[0]]
+            result.append(replacement)
+        self.substituted += len(messages) - sum(1 for message in messages if message[0] not in unwritable)
+        return result
 
     async def _send(self, topic: str, partition: int, group: list[Outbound]
                     ) -> tuple[str, int, list[Outbound], list[asyncio.Future]]:
@@ -98,7 +178,8 @@ class BatchPublisher:
         futures.append(await self.producer.send_batch(builder, topic, partition=partition))
         return topic, partition, group, futures
 
-    async def _confirm(self, sends: list[tuple[str, int, list[Outbound], list[asyncio.Future]]]) -> None:
+    async def _confirm(self, sends: list[tuple[str, int, list[Outbound], list[asyncio.Future]]],
+                       substitute: Substitute | None) -> None:
         attempt = 0
         while sends:
             failed = []
@@ -114,8 +195,43 @@ class BatchPublisher:
                         len(failed), failed[0][3], delay)
             attempt += 1
             await asyncio.sleep(delay)
-            self.resent += sum(len(group) for _, _, group, _ in failed)
-            sends = [await self._send(topic, partition, group, ) for topic, partition, group, _ in failed]
+            sends = await self._resend(failed, substitute)
+
+    async def _resend(self, failed: list[tuple[str, int, list[Outbound], BaseException]],
+                      substitute: Substitute | None) -> list[tuple[str, int, list[Outbound], list[asyncio.Future]]]:
+        """Send failed groups again. A group Kafka will never take goes out as its substitutes (a group that is
+        too large is first sent one message per batch, to find the message at fault). Never raises (the broker
+        may be away): what could not even be queued fails its future, and the next round retries it."""
+        sends = []
+        for topic, partition, group, error in failed:
+            try:
+                sends += await self._resend_group(topic, partition, group, error, substitute)
+            except Exception as exc:
+                log.warning("could not queue %d messages for %s/%d again (%r)", len(group), topic, partition, exc)
+                retry: asyncio.Future = asyncio.get_running_loop().create_future()
+                retry.set_exception(exc)
+                sends.append((topic, partition, group, [retry]))
+        return sends
+
+    async def _resend_group(self, topic: str, partition: int, group: list[Outbound], error: BaseException,
+                            substitute: Substitute | None
+                            ) -> list[tuple[str, int, list[Outbound], list[asyncio.Future]]]:
+        if isinstance(error, MessageSizeTooLargeError | RecordListTooLargeError) and len(group) > 1:
+            return [await self._send(topic, partition, [message]) for message in group]
+        if isinstance(error, _NEVER_ACCEPTED) and substitute is not None:
+            replacements = [substitute(message, error) for message in group]
+            if all(replacement is not None for replacement in replacements):
+                if isinstance(error, InvalidTopicError | TopicAuthorizationFailedError):
+                    self._unwritable[topic] = (error, time.monotonic() + _UNWRITABLE_MEMORY_S)
+                    self._partitions.pop(topic, None)
+                log.warning("Kafka refuses %d messages for %s (%r): publishing their dead letters instead",
+                            len(group), topic, error)
+                self.substituted += len(group)
+                groups = await self._group([r for r in replacements if r is not None], None)
+                return [await self._send(new_topic, new_partition, new_group)
+                        for (new_topic, new_partition), new_group in groups.items()]
+        self.resent += len(group)
+        return [await self._send(topic, partition, group)]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -149,6 +265,8 @@ class BatchDelivery(mode.Service):
         self._room = asyncio.Semaphore(worker.max_batches_in_flight)
         self.committed_batches = 0
         self.commit_failures = 0
+        self._fetching = True
+        self._fetch_stopped = asyncio.Event()
 
     async def on_start(self) -> None:
         kafka = client_kwargs(self.settings.kafka)
@@ -169,9 +287,15 @@ class BatchDelivery(mode.Service):
         await self.consumer.start()
         self.consumer.subscribe(sorted(self.channels), listener=_Rebalance(self))
 
-    async def on_stop(self) -> None:
+    async def finish(self, timeout: float = 30.0) -> None:
+        """Stop fetching, then wait (at most ``timeout``) until the batches in flight are committed."""
+        self._fetching = False
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.drain("stopping"), timeout=30)
+            await asyncio.wait_for(self._fetch_stopped.wait(), timeout)
+            await asyncio.wait_for(self.drain("stopping"), timeout)
+
+    async def on_stop(self) -> None:
+        await self.finish()
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -180,7 +304,14 @@ class BatchDelivery(mode.Service):
     @mode.Service.task
     async def _fetch_loop(self) -> None:
         assert self.consumer is not None
-        while not self.should_stop:
+        try:
+            await self._fetch_until_stopped()
+        finally:
+            self._fetch_stopped.set()
+
+    async def _fetch_until_stopped(self) -> None:
+        assert self.consumer is not None
+        while self._fetching and not self.should_stop:
             try:
                 fetched = await self.consumer.getmany(timeout_ms=max(self.window_ms, 1), max_records=self.batch_max)
             except KafkaError as exc:

@@ -22,13 +22,18 @@ import numpy as np
 from streamscore import __version__, fastpath
 from streamscore.featurestore.store import FeatureStore, FetchedView
 from streamscore.streams import topics
-from streamscore.streams.wire import dead_letter_headers
+from streamscore.streams.wire import bounded_letter, dead_letter_headers
 
 from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_VERSION = "unknown_version"
+BAD_FIELD = "bad_field"
+REFUSED_TOPICS = frozenset({".", "..", "__consumer_offsets", "__transaction_state", "__share_group_state",
+                            "__cluster_metadata"})
+"""Topic names Kafka never takes a write to (invalid, or internal): a reply_to naming one is a bad field,
+dead-lettered at once instead of being retried against the broker."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class BatchPipeline:
         decoded = fastpath.decode_batch([message.value for message in batch], self.model.decode_spec)
         clock.lap("decode")
         dead_letters = [self._dead_letter(batch, error) for error in decoded.errors]
-        keep = self._drop_unknown_versions(batch, decoded, dead_letters)
+        keep = self._screen(batch, decoded, dead_letters)
         status = np.where((decoded.deadline_ms > 0) & (decoded.deadline_ms < received_ms), "expired", "ok")
         status[~keep] = "skip"
         live = np.flatnonzero(status == "ok")
@@ -135,16 +140,22 @@ class BatchPipeline:
                             expired=int((status == "expired").sum()), timings_us=clock.marks,
                             failed=len(live) if errors is not None else 0)
 
-    def _drop_unknown_versions(self, batch: Sequence[Inbound], decoded: fastpath.DecodedBatch,
-                               dead_letters: list[Outbound]) -> np.ndarray:
+    def _screen(self, batch: Sequence[Inbound], decoded: fastpath.DecodedBatch,
+                dead_letters: list[Outbound]) -> np.ndarray:
+        """Rows not to score, dead-lettered: a pinned version other than the one served, or a reply_to that
+        names a topic Kafka refuses writes to."""
         keep = np.ones(len(decoded), dtype=bool)
-        for row, version in enumerate(decoded.version):
+        for row, (version, reply_to) in enumerate(zip(decoded.version, decoded.reply_to, strict=True)):
             if version is not None and version != self.model.version:
-                keep[row] = False
-                error = fastpath.DecodeError(int(decoded.source[row]), -1, UNKNOWN_VERSION,
-                                             f"version {version!r} is pinned but this worker serves "
-                                             f"{self.model.name} v{self.model.version}", decoded.ids[row])
-                dead_letters.append(self._dead_letter(batch, error))
+                kind, detail = UNKNOWN_VERSION, (f"version {version!r} is pinned but this worker serves "
+                                                 f"{self.model.name} v{self.model.version}")
+            elif reply_to is not None and reply_to in REFUSED_TOPICS:
+                kind, detail = BAD_FIELD, f"'reply_to' {reply_to!r} names a topic Kafka takes no writes to"
+            else:
+                continue
+            keep[row] = False
+            error = fastpath.DecodeError(int(decoded.source[row]), -1, kind, detail, decoded.ids[row])
+            dead_letters.append(self._dead_letter(batch, error))
         return keep
 
     def _infer(self, inputs: np.ndarray | None, live: np.ndarray, rows: int
@@ -226,7 +237,7 @@ class BatchPipeline:
     def _dead_letter(self, batch: Sequence[Inbound], error: fastpath.DecodeError) -> Outbound:
         message = batch[error.message_index]
         headers = dead_letter_headers(error, self.model.name, message.topic, message.partition, message.offset)
-        return Outbound(self.dlq_topic, message.key, message.value, headers)
+        return Outbound(self.dlq_topic, *bounded_letter(message.key, message.value, headers))
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Reliability fixtures: the shared stack, the session's library, the private stack for the scenarios that stop
+servers, and the soak report.
+
+Every test here is marked ``reliability``. Those also marked ``soak`` are long and run only when the ``-m``
+expression names soak (``make soak`` runs ``pytest -m soak tests/reliability``); each soak test adds its row to
+``bench/results/reliability.json`` and ``reliability.md`` as soon as it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamscore.settings import PROJECT_ROOT
+from streamscore.stack import Stack, StackError
+
+from .harness import SHARED, Endpoints, Library, PrivateStack, Scenario, Tally, build_library, fill_store, write_report
+
+HERE = Path(__file__).parent
+RESULTS = PROJECT_ROOT / "bench" / "results"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    soak_selected = "soak" in (config.getoption("markexpr") or "")
+    for item in items:
+        if HERE not in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.reliability)
+        if item.get_closest_marker("soak") and not soak_selected:
+            item.add_marker(pytest.mark.skip(reason="long soak: `make soak` runs it (pytest -m soak)"))
+
+
+@pytest.fixture(scope="session")
+def shared_stack() -> None:
+    try:
+        Stack().ensure_up()
+    except StackError as error:
+        pytest.fail(f"the local stack could not start:\n{error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def library(shared_stack: None, tmp_path_factory: pytest.TempPathFactory) -> Library:
+    built = build_library(tmp_path_factory.mktemp("library"))
+    asyncio.run(fill_store(built, SHARED))
+    return built
+
+
+@pytest.fixture
+def scenario(library: Library, tmp_path: Path) -> Callable[..., Scenario]:
+    def make(name: str, endpoints: Endpoints = SHARED, **extra_env: str) -> Scenario:
+        return Scenario(name, library, endpoints, tmp_path / name, dict(extra_env))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def private_kafka() -> Iterator[PrivateStack]:
+    """Only the private stack's Kafka: what the short broker-restart scenario needs (seconds to start)."""
+    stack = PrivateStack(["kafka"])
+    was_up = all(status.up for status in stack.status())
+    try:
+        stack.up()
+    except StackError as error:
+        pytest.fail(f"the private Kafka could not start:\n{error}", pytrace=False)
+    yield stack
+    if not was_up:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def private_stack(library: Library) -> Iterator[PrivateStack]:
+    """The whole private stack (Kafka, Cassandra, Redis on their own ports), the library's rows written into
+    its Cassandra; stopped at the end of the session through the Stack API."""
+    from .harness import PRIVATE
+
+    stack = PrivateStack()
+    try:
+        try:
+            stack.up()
+        except StackError as error:
+            pytest.fail(f"the private stack could not start:\n{error}", pytrace=False)
+        asyncio.run(fill_store(library, PRIVATE))
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def soak_report() -> Callable[[Tally], None]:
+    """Records a soak scenario's row and rewrites the report files at once (a later failure keeps it)."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(result: Tally) -> None:
+        rows[result.scenario] = result.row()
+        write_report(rows, RESULTS)
+
+    return record

@@ -1,0 +1,307 @@
+"""Unit tests of what the scenarios forced into the delivery path, without a broker: messages Kafka will never
+take are replaced by dead letters instead of retried forever, a resend that cannot even be queued is tried
+again, a flight is acknowledged only once Kafka has all of its messages, a failing batch is split down to the
+message at fault, dead letters fit the broker's limit, and Faust's flow control leaves the flights alone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    UnknownTopicOrPartitionError,
+)
+
+from streamscore.streams import delivery
+from streamscore.streams.delivery import BatchPublisher, Flight
+from streamscore.streams.wire import (
+    DEAD_LETTER_MAX_BYTES,
+    HEADER_ORIGINAL_BYTES,
+    HEADER_ORIGINAL_SHA256,
+    KEPT_VALUE_BYTES,
+    bounded_letter,
+)
+from streamscore.workers.pipeline import BatchOutcome, Inbound, Outbound
+
+DLQ = "p.m.dlq"
+
+
+class FakeBuilder:
+    def __init__(self, limit: int) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+        self.limit = limit
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any, headers: Any) -> object | None:
+        if len(self.records) >= self.limit:
+            return None
+        self.records.append((key, value))
+        return object()
+
+
+@dataclass
+class FakeProducer:
+    """Accepts batches unless ``refuse(topic, records)`` returns an error for them."""
+
+    refuse: Any = None
+    batch_limit: int = 100
+    partitions: dict[str, int] = field(default_factory=lambda: {"p.m.predictions": 2, DLQ: 2, "reply": 1})
+    cluster_answers: bool = True
+    unknown_wait_s: float = 0.0
+    sent: list[tuple[str, int, list[tuple[bytes | None, bytes]]]] = field(default_factory=list)
+    send_failures: int = 0
+    """send_batch raises this many times first (the accumulator full, the broker away)."""
+
+    @property
+    def client(self) -> FakeProducer:
+        return self
+
+    async def fetch_all_metadata(self) -> None:
+        if not self.cluster_answers:
+            raise KafkaConnectionError("no broker")
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        if topic not in self.partitions:
+            await asyncio.sleep(self.unknown_wait_s or 3600)
+        return set(range(self.partitions[topic]))
+
+    def create_batch(self) -> FakeBuilder:
+        return FakeBuilder(self.batch_limit)
+
+    async def send_batch(self, builder: FakeBuilder, topic: str, partition: int) -> asyncio.Future:
+        if self.send_failures:
+            self.send_failures -= 1
+            raise KafkaTimeoutError("accumulator full")
+        future = asyncio.get_running_loop().create_future()
+        error = self.refuse(topic, builder.records) if self.refuse else None
+        if error is None:
+            self.sent.append((topic, partition, builder.records))
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+        return future
+
+
+def letter_for(message: Any, error: BaseException) -> Outbound | None:
+    """The substitute of the tests: own topics are retried, the others become dead letters."""
+    if message[0] in ("p.m.predictions", DLQ):
+        return None
+    return Outbound(DLQ, message[1], message[2], [("streamscore-error-kind", b"undeliverable")])
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(delivery, "_RETRY_BACKOFF_S", (0.0, 0.01))
+    yield
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, 10))
+
+
+def test_a_topic_kafka_refuses_gets_dead_letters_instead_of_endless_retries() -> None:
+    producer = FakeProducer(refuse=lambda topic, _: InvalidTopicError() if topic == "reply" else None)
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(producer)
+        acked = await publisher.publish([Outbound("p.m.predictions", b"a", b"1"), Outbound("reply", b"b", b"2")],
+                                        letter_for)
+        await acked
+        assert publisher.substituted == 1
+        # the topic is remembered: the next prediction for it goes straight to the dead-letter topic
+        await (await publisher.publish([Outbound("reply", b"c", b"3")], letter_for))
+
+    run(scenario())
+    topics = [(topic, [value for _, value in records]) for topic, _, records in producer.sent]
+    assert ("p.m.predictions", [b"1"]) in topics
+    assert [value for topic, values in topics if topic == DLQ for value in values] == [b"2", b"3"]
+
+
+def test_a_message_too_large_is_found_alone_and_only_it_dead_lettered() -> None:
+    def refuse(topic: str, records: list[tuple[bytes | None, bytes]]) -> BaseException | None:
+        return MessageSizeTooLargeError() if topic == "reply" and any(len(v) > 100 for _, v in records) else None
+
+    producer = FakeProducer(refuse=refuse)
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(producer)
+        await (await publisher.publish([Outbound("reply", b"a", b"small"), Outbound("reply", b"b", b"x" * 200),
+                                        Outbound("reply", b"c", b"small too")], letter_for))
+
+    run(scenario())
+    delivered = {(topic, value) for topic, _, records in producer.sent for _, value in records}
+    assert delivered == {("reply", b"small"), ("reply", b"small too"), (DLQ, b"x" * 200)}
+
+
+def test_own_topics_are_retried_until_kafka_takes_them() -> None:
+    refusals = iter([MessageSizeTooLargeError(), MessageSizeTooLargeError(), None])
+    producer = FakeProducer(refuse=lambda topic, _: next(refusals))
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(producer)
+        await (await publisher.publish([Outbound(DLQ, b"k", b"letter")], letter_for))
+        assert publisher.substituted == 0 and publisher.resent == 2
+
+    run(scenario())
+    assert [(topic, records) for topic, _, records in producer.sent] == [(DLQ, [(b"k", b"letter")])]
+
+
+def test_a_resend_that_cannot_be_queued_is_tried_again_not_dropped() -> None:
+    refusals = iter([KafkaConnectionError("broker away"), None, None])
+    producer = FakeProducer(refuse=lambda topic, _: next(refusals))
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(producer)
+        acked = await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for)
+        producer.send_failures = 2  # the next two sends raise instead of returning a future
+        await acked
+
+    run(scenario())
+    assert [records for _, _, records in producer.sent] == [[(b"k", b"v")]]
+
+
+def test_a_new_topic_without_metadata_is_unwritable_only_while_the_cluster_answers() -> None:
+    async def scenario(cluster_answers: bool) -> list[Any]:
+        producer = FakeProducer(cluster_answers=cluster_answers, unknown_wait_s=0)
+        publisher = BatchPublisher(producer, topic_wait_s=0.05)
+        await (await publisher.publish([Outbound("missing.topic", b"k", b"v")], letter_for))
+        return producer.sent
+
+    assert [topic for topic, _, _ in run(scenario(True))] == [DLQ]
+    with pytest.raises(KafkaConnectionError):  # the broker is away: not the topic's fault, try again later
+        run(scenario(False))
+
+
+def test_an_own_topic_slow_to_answer_is_asked_again_at_once() -> None:
+    async def scenario() -> list[Any]:
+        producer = FakeProducer(partitions={DLQ: 1})
+        publisher = BatchPublisher(producer, topic_wait_s=0.05)
+        with pytest.raises(UnknownTopicOrPartitionError):  # no metadata yet, and no substitute for it
+            await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for)
+        producer.partitions["p.m.predictions"] = 2  # the metadata arrives
+        await (await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for))
+        return producer.sent
+
+    assert [topic for topic, _, _ in run(scenario())] == ["p.m.predictions"]
+
+
+# --------------------------------------------------------------------------------------------- the agent
+
+
+class FakePublisher:
+    def __init__(self, outcomes: list[BaseException | None]) -> None:
+        self.outcomes = outcomes
+        self.published: list[list[Any]] = []
+
+    async def publish(self, messages: list[Any], substitute: Any = None) -> asyncio.Future:
+        self.published.append(messages)
+        future = asyncio.get_running_loop().create_future()
+        outcome = self.outcomes.pop(0)
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)
+        return future
+
+
+class FakePipeline:
+    """Fails any batch holding a poison message."""
+
+    dlq_topic = DLQ
+    predictions_topic = "p.m.predictions"
+
+    class model:  # stands in for the runtime attribute
+        name = "m"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def process(self, batch: list[Inbound]) -> BatchOutcome:
+        self.calls += 1
+        if any(message.value == b"poison" for message in batch):
+            raise ValueError("poison")
+        predictions = [Outbound("p.m.predictions", message.value, b"prediction") for message in batch]
+        return BatchOutcome(predictions, [], len(batch), 0, {"decode": 1})
+
+
+def make_agent(outcomes: list[BaseException | None]) -> tuple[Any, FakePublisher]:
+    from streamscore.streams.app import ModelAgent
+    from streamscore.streams.metrics import WorkerMetrics
+
+    agent = ModelAgent(FakePipeline(), WorkerMetrics())
+    publisher = FakePublisher(outcomes)
+
+    class Delivery:
+        pass
+
+    agent.delivery = Delivery()
+    agent.delivery.publisher = publisher
+    return agent, publisher
+
+
+def test_a_flight_is_acknowledged_only_when_its_publication_succeeded() -> None:
+    async def scenario() -> FakePublisher:
+        agent, publisher = make_agent([KafkaTimeoutError("lost the race"), None])
+        flight = Flight([Inbound(b"r1")], {}, asyncio.get_running_loop().create_future())
+        await agent.handle(flight)
+        await asyncio.wait_for(asyncio.shield(flight.acked), 5)  # resolved only after the second publication
+        return publisher
+
+    publisher = run(scenario())
+    assert len(publisher.published) == 2 and publisher.published[0] == publisher.published[1]
+
+
+def test_a_poison_message_is_dead_lettered_alone_and_the_rest_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamscore.streams import app
+
+    monkeypatch.setattr(app, "_PIPELINE_ATTEMPTS", 1)
+    batch = [Inbound(f"r{index}".encode(), topic="t", partition=0, offset=index) for index in range(9)]
+    batch.insert(5, Inbound(b"poison", topic="t", partition=0, offset=99))
+
+    async def scenario() -> BatchOutcome:
+        agent, _ = make_agent([])
+        return await agent._process(batch)
+
+    outcome = run(scenario())
+    assert outcome.answered == 9 and len(outcome.predictions) == 9
+    assert [letter.value for letter in outcome.dead_letters] == [b"poison"]
+    assert dict(outcome.dead_letters[0].headers or [])["streamscore-error-kind"] == b"processing_failed"
+
+
+# ------------------------------------------------------------------------------------- letters, channel
+
+
+def test_a_dead_letter_over_the_broker_limit_is_cut_and_says_so() -> None:
+    value = b"v" * (DEAD_LETTER_MAX_BYTES + 10)
+    key, kept, headers = bounded_letter(b"k" * 5000, value, [("streamscore-error-kind", b"too_large")])
+
+    assert len(kept) == KEPT_VALUE_BYTES and value.startswith(kept) and key == b"k" * 1024
+    named = dict(headers)
+    assert named[HEADER_ORIGINAL_BYTES] == str(len(value)).encode()
+    assert named[HEADER_ORIGINAL_SHA256] == hashlib.sha256(value).hexdigest().encode()
+    small = (b"k", b"small", [("a", b"b")])
+    assert bounded_letter(*small) == small
+
+
+def test_faust_flow_control_neither_blocks_nor_clears_flights() -> None:
+    import faust
+
+    from streamscore.streams.app import FlightChannel
+
+    async def scenario() -> list[str]:
+        app = faust.App("flight-channel-test", broker="kafka://127.0.0.1:1")
+        channel = FlightChannel(app, maxsize=4)
+        app.flow_control.suspend()  # what Faust does when its own group rebalances
+        await asyncio.wait_for(channel.queue.put("flight-1"), 1)
+        app.flow_control.clear()
+        app.flow_control.resume()
+        return [channel.queue.get_nowait()]
+
+    assert run(scenario()) == ["flight-1"]
