@@ -25,3 +25,6 @@ bench-fastpath: bootstrap
 
 bench: bootstrap
 	.venv/bin/streamscore bench
+
+soak: bootstrap
+	.venv/bin/pytest -m soak tests/reliability -p no:cacheprovider
