@@ -78,7 +78,7 @@ def drops_deep_duplicate(message: bytes) -> bool:
     value only; when the value dropped nested deeper than 64 levels, the compiled twin (which measures depth on
     the wire) says ``undecodable`` and the pure twin (which measures the decoded object) does not. E.g.
     ``92 91*61 87 6e74 6974 6965 73 82 a7 636172645f69 00 9f 7e000000 6e746d616e7430 73 7265706c795f7473696f6e
-    30`` (hex): key 0x73 first maps to a map holding a 15-array, then to 0x72."""
+    30`` (hex): key 0x73 first maps to a map holding a 15-array (level 65), then to 0x69."""
     def pairs(items: list[tuple[Any, Any]]) -> dict[Any, Any]:
         keys = [repr(key) for key, _ in items]
         if len(set(keys)) != len(keys):

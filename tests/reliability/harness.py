@@ -740,16 +740,22 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 # ----------------------------------------------------------------------------------------------- report
 
 
-def write_report(rows: dict[str, dict[str, Any]], folder: Path) -> tuple[Path, Path]:
+def write_report(rows: dict[str, dict[str, Any]], folder: Path, generated: str | None = None) -> tuple[Path, Path]:
     """bench/results/reliability.json and reliability.md: one row per scenario."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "reliability.json", folder / "reliability.md"
-    document = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+    document = {"generated": generated or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                 "cpus": os.cpu_count(), "scenarios": rows}
     json_path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     columns = ["sent", "answered", "duplicated", "lost", "dead_lettered", "unexpected", "seconds"]
     lines = ["# Reliability soak", "", f"Generated {document['generated']} on {document['host']} "
-             f"({document['cpus']} CPUs) by `make soak`.", "",
+             f"({document['cpus']} CPUs) by `make soak` (tests/reliability, `pytest -m soak`).", "",
+             "`sent`: units that must each get exactly one outcome (a request id: one prediction; a bad message "
+             "or bad array element: one dead letter). `answered`: distinct ids with a prediction. `duplicated`: "
+             "predictions beyond the first per id (and dead letters beyond one per bad unit). `lost`: sent, with "
+             "neither. `unexpected`: predictions for ids never sent. `repeat_bound`: batches in flight x batch "
+             "size x events. `decoder_fuzz`: inputs decoded by both twins; `lost` would be an input that crashed "
+             "one.", "",
              "| scenario | " + " | ".join(columns) + " | notes |",
              "|---|" + "---:|" * len(columns) + "---|"]
     for name, row in rows.items():
