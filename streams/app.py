@@ -235,7 +235,8 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
     metrics = WorkerMetrics()
     for name in model_names:
         runtime = load_model(settings.models_dir, name, views, settings.worker)
-        agents[name] = ModelAgent(BatchPipeline(runtime, store, prefix, settings.worker.worker_id), metrics)
+        pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes)
+        agents[name] = ModelAgent(pipeline, metrics)
         agents[name].report_model()
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
     _declare_services(app, settings, store, agents, channels)

@@ -119,6 +119,9 @@ class WorkerSettings(_Strict):
     """ONNX Runtime intra-op threads (one process per core)."""
     worker_id: str | None = None
     """Identity written into lineage; defaults to host:pid."""
+    reply_to_prefixes: list[str] | None = None
+    """Topic-name prefixes a request's ``reply_to`` may name (JSON list); the worker's own ``<topic_prefix>.``
+    is always allowed. None allows any topic the worker may write, which lets any requester write there."""
     web_port: int = 6066
     """Port of the Faust web server (metrics, health)."""
 

@@ -94,8 +94,9 @@ class _Clock:
 
 class BatchPipeline:
     def __init__(self, model: ModelRuntime, store: FeatureStore, topic_prefix: str,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, reply_to_prefixes: Sequence[str] | None = None) -> None:
         self.model = model
+        self.reply_to_prefixes = None if reply_to_prefixes is None else (f"{topic_prefix}.", *reply_to_prefixes)
         self.store = store
         self.prefix = topic_prefix
         self.predictions_topic = topics.predictions(topic_prefix, model.name)
@@ -151,6 +152,9 @@ class BatchPipeline:
                                                  f"{self.model.name} v{self.model.version}")
             elif reply_to is not None and reply_to in REFUSED_TOPICS:
                 kind, detail = BAD_FIELD, f"'reply_to' {reply_to!r} names a topic Kafka takes no writes to"
+            elif reply_to is not None and self.reply_to_prefixes and not reply_to.startswith(self.reply_to_prefixes):
+                kind, detail = BAD_FIELD, (f"'reply_to' {reply_to!r} is not allowed: it must start with one of "
+                                           f"{list(self.reply_to_prefixes)} (STREAMSCORE_WORKER__REPLY_TO_PREFIXES)")
             else:
                 continue
             keep[row] = False

@@ -195,6 +195,24 @@ def test_predict_round_trips(deployment: Deployment) -> None:
     assert abs(prediction["outputs"]["fraud_probability"] - expected) <= 1e-5
 
 
+def test_reply_to_outside_the_allowed_prefixes_is_dead_lettered(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    allowed = "allowed" + deployment.settings.topic_prefix[1:] + f".replies-{run}"
+    forbidden_id, allowed_id = f"rt-no-{run}", f"rt-ok-{run}"
+    asyncio.run(_produce(deployment, [request(forbidden_id, "card-4", "merchant-4", reply_to=f"elsewhere-{run}"),
+                                      request(allowed_id, "card-4", "merchant-4", reply_to=allowed)]))
+
+    answered = _predictions_for(deployment, {allowed_id}, topic=allowed)
+    dlq = topics.dead_letters(deployment.settings.topic_prefix, MODEL)
+    letters = asyncio.run(_consume(deployment, dlq, lambda records: any(
+        headers_dict(r.headers).get(HEADER_REQUEST_ID) == forbidden_id for r in records)))
+
+    assert [p["id"] for p in answered] == [allowed_id]
+    mine = [headers_dict(r.headers) for r in letters if headers_dict(r.headers).get(HEADER_REQUEST_ID) == forbidden_id]
+    assert len(mine) == 1 and mine[0][HEADER_ERROR_KIND] == "bad_field"
+    assert "not allowed" in mine[0]["streamscore-error-message"]
+
+
 def test_metrics_and_status_are_served(deployment: Deployment) -> None:
     import json
     import urllib.request
