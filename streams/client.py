@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -83,11 +84,34 @@ class Client:
         return await self.producer.send(topics.requests(self.settings.topic_prefix, model), pack_request(payload),
                                         key=encoded_key)
 
-    async def produce_many(self, model: str, requests: Iterable[Mapping[str, Any]]) -> int:
-        """Send many single-request messages, pipelined; returns how many were acknowledged."""
-        futures = [await self.send(model, request) for request in requests]
-        await asyncio.gather(*futures)
-        return len(futures)
+    async def produce_many(self, model: str, requests: Iterable[Any], rate: float | None = None,
+                           progress: Callable[[int], object] | None = None, window: int = 1000) -> int:
+        """Send many messages (each a request, or a list of them), pipelined, at ``rate`` per second (None: as
+        fast as possible), waiting for Kafka's acknowledgements every ``window`` messages and reporting each
+        acknowledged chunk to ``progress``; returns how many were sent. A request map without ``sent_ms`` gets
+        it stamped in place at send time, so the caller can measure latency from it."""
+        pending: list[asyncio.Future] = []
+        sent, started = 0, time.monotonic()
+        for request in requests:
+            if rate:
+                ahead = started + sent / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if isinstance(request, dict) and not request.get("sent_ms"):
+                request["sent_ms"] = now_ms()
+            pending.append(await self.send(model, request))
+            sent += 1
+            if len(pending) >= window:
+                await self._acknowledged(pending, progress)
+        await self._acknowledged(pending, progress)
+        return sent
+
+    @staticmethod
+    async def _acknowledged(pending: list[asyncio.Future], progress: Callable[[int], object] | None) -> None:
+        await asyncio.gather(*pending)
+        if progress is not None:
+            progress(len(pending))
+        pending.clear()
 
     async def subscribe(self, model: str | None = None, topic: str | None = None, from_beginning: bool = False,
                         group_id: str | None = None) -> AsyncIterator[dict[str, Any]]:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -150,26 +149,8 @@ async def _produce(settings: Settings, model: str, requests: Any, total: int | N
     from streamscore.streams.client import Client
 
     async with Client(settings) as client:
-        pending, sent, started = [], 0, time.monotonic()
         with tqdm(total=total, unit="req", desc="produce", file=sys.stderr) as progress:
-            for request in requests:
-                if rate:
-                    await _pace(started, sent, rate)
-                pending.append(await client.send(model, request))
-                sent += 1
-                if len(pending) >= 1000:
-                    await asyncio.gather(*pending)
-                    progress.update(len(pending))
-                    pending.clear()
-            await asyncio.gather(*pending)
-            progress.update(len(pending))
-    return sent
-
-
-async def _pace(started: float, sent: int, rate: float) -> None:
-    ahead = started + sent / rate - time.monotonic()
-    if ahead > 0:
-        await asyncio.sleep(ahead)
+            return await client.produce_many(model, requests, rate, progress.update)
 
 
 @main.command()

@@ -146,6 +146,9 @@ class BatchPipeline:
         """Rows not to score, dead-lettered: a pinned version other than the one served, or a reply_to that
         names a topic Kafka refuses writes to."""
         keep = np.ones(len(decoded), dtype=bool)
+        rows = len(decoded)
+        if decoded.version.count(None) == rows and decoded.reply_to.count(None) == rows:
+            return keep  # the usual batch: nothing to screen, no Python loop over its requests
         for row, (version, reply_to) in enumerate(zip(decoded.version, decoded.reply_to, strict=True)):
             if version is not None and version != self.model.version:
                 kind, detail = UNKNOWN_VERSION, (f"version {version!r} is pinned but this worker serves "

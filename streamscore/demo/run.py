@@ -72,7 +72,7 @@ def run_demo(settings: Settings, count: int, rate: float | None, echo: Echo = pr
         echo(f"== 5/6 streaming {count} requests")
         predictions, arrivals = asyncio.run(_stream(settings, requests, rate))
     finally:
-        _stop_worker(worker)
+        stop_process(worker)
     echo("== 6/6 summary and offline check")
     expected = offline_scores(pipeline, feature_matrix(transactions, rows))
     summary = _summarize(requests, predictions, arrivals, expected, echo)
@@ -126,14 +126,15 @@ async def _wait_for_worker(settings: Settings, worker: subprocess.Popen, timeout
     raise DemoFailed(f"the worker did not answer within {timeout_s:.0f} s; see {settings.data_dir / 'worker.log'}")
 
 
-def _stop_worker(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
+def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (a worker drains and commits its batches in flight), then SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
         try:
-            worker.wait(timeout=30)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            process.kill()
+            process.wait()
 
 
 async def _stream(settings: Settings, requests: list[dict[str, Any]], rate: float | None
@@ -159,22 +160,8 @@ async def _stream(settings: Settings, requests: list[dict[str, Any]], rate: floa
     collector = asyncio.create_task(collect())
     try:
         async with Client(settings) as client:
-            send_started = time.monotonic()
-            pending = []
             with tqdm(total=len(requests), unit="req", desc="stream") as progress:
-                for index, request in enumerate(requests):
-                    if rate:
-                        ahead = send_started + index / rate - time.monotonic()
-                        if ahead > 0:
-                            await asyncio.sleep(ahead)
-                    request["sent_ms"] = time.time_ns() // 1_000_000
-                    pending.append(await client.send(MODEL, request))
-                    if len(pending) >= 500:
-                        await asyncio.gather(*pending)
-                        progress.update(len(pending))
-                        pending.clear()
-                await asyncio.gather(*pending)
-                progress.update(len(pending))
+                await client.produce_many(MODEL, requests, rate, progress.update, window=500)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(collector), timeout=60)
     finally:

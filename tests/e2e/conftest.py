@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from streamscore.demo.data import generate_feature_rows, write_views
 from streamscore.demo.model import build_and_register
+from streamscore.demo.run import stop_process
 from streamscore.settings import Settings
 from streamscore.stack import Stack, StackError
 
@@ -111,11 +111,11 @@ def worker(deployment: Deployment) -> Iterator[subprocess.Popen]:
     try:
         asyncio.run(_wait_until_answering(deployment, process))
     except BaseException:
-        _stop(process)
+        stop_process(process)
         pytest.fail(f"the worker did not start answering:\n{deployment.log_path.read_text()[-4000:]}",
                     pytrace=False)
     yield process
-    _stop(process)
+    stop_process(process)
 
 
 async def _wait_until_answering(deployment: Deployment, process: subprocess.Popen) -> None:
@@ -132,16 +132,6 @@ async def _wait_until_answering(deployment: Deployment, process: subprocess.Pope
             except PredictTimeout:
                 continue
     raise TimeoutError("worker not answering after 120 s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def request(request_id: str, card: str, merchant: str, amount: float = 42.0, **extra: Any) -> dict[str, Any]:
