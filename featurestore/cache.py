@@ -2,25 +2,47 @@
 
 Key: ``<prefix>:fv:<view>:<entity>``. Value: the row packed as little-endian ``int64 event_ts_ms`` followed by
 one ``float64`` per feature (fixed width per view, so a whole batch of hits is parsed with one numpy call),
-or the one byte ``-`` for an entity the store does not have (a negative entry, so unknown entities do not
-hit Cassandra on every request). Entries expire after ``cache_ttl_s`` and are deleted when the row is written.
+the one byte ``-`` for an entity the store does not have (a negative entry, so unknown entities do not
+hit Cassandra on every request), or a writer's fence: ``~`` followed by the writer's 8-byte token while its
+write is in flight, the one byte ``~`` otherwise. Entries expire after ``cache_ttl_s``, fences after ``fence_s``.
 
-Redis is an accelerator, never a dependency: when it does not answer, reads and invalidations are skipped,
-a warning is logged (once per outage) and ``bypassed`` counts the batches that went straight to Cassandra.
+Coherence with writes (a write never leaves a stale cached row):
+
+1. before it writes Cassandra, a writer replaces each entity's entry with its fence (``SET ~<token> EX fence_s
+   GET``, one pipeline for the batch). If that fails (Redis unreachable, credentials refused, ``NOPERM``, a
+   timeout), nothing is written and ``CacheInvalidationFailed`` is raised. The old value tells it whether another
+   writer's fence was there (contention: that write may still be in flight);
+2. after the write, one pipeline settles the entries: where the entry still holds this writer's own fence and no
+   other fence was there (one atomic compare-and-set, a Lua script), it becomes the written row, so readers hit
+   the new value at once; anywhere else (contention, a failed write, an entity twice in the batch, a fence another
+   writer replaced) it becomes the plain fence ``~`` for ``fence_s``. If that fails, a warning is logged: the
+   fence of step 1 still keeps readers off the old row for ``fence_s``. A user without ``EVAL`` gets plain
+   fences (correct, and the rows are cached by the next reads once the fences expire).
+
+A reader treats a fence as a miss (it reads Cassandra; a fence is neither a hit nor a negative entry), and its
+read-through fill is ``SET NX EX``: it never replaces a fence or a row a writer set meanwhile. So a reader that
+read the old row just before a write cannot cache it afterwards, as long as its read-through (Cassandra read to
+cache fill) and the write take less than ``fence_s`` each.
+
+Redis is an accelerator for readers, never a dependency: when it does not answer, reads skip it, a warning is
+logged (once per outage) and ``bypassed`` counts the batches that went straight to Cassandra. Writers need it
+(see above): a write it did not fence could be hidden by a stale cached row until ``cache_ttl_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from streamscore.settings import RedisSettings
 
@@ -55,6 +77,8 @@ class FeatureCache:
         self.misses = 0
         self._down_since: float | None = None
         self._retry_at = 0.0
+        self._no_eval = False
+        """Redis refused the publishing script once (no EVAL for this user): writes settle with plain fences."""
 
     def key(self, view: str, entity: str) -> str:
         return f"{self.prefix}:fv:{view}:{entity}"
@@ -64,48 +88,92 @@ class FeatureCache:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
     async def get_many(self, keys: Sequence[tuple[str, str]]) -> list[bytes | None] | None:
-        """Raw cached values for (view, entity) pairs (None where not cached), or None when Redis is down
-        and the caller must read everything from the store."""
+        """Raw cached values for (view, entity) pairs (None where not cached or fenced by a writer), or None
+        when Redis is down and the caller must read everything from the store."""
         if not keys:
             return []
         if not self.available:
             self.bypassed += 1
             return None
         try:
-            raw = await self.client.mget([self.key(view, entity) for view, entity in keys])
+            replies = await self.client.mget([self.key(view, entity) for view, entity in keys])
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
             self.bypassed += 1
             return None
         self._mark_up()
+        raw = without_fences(replies)  # type: ignore[arg-type]  # bytes: the client does not decode responses
         hit_count = len(raw) - raw.count(None)
         self.hits += hit_count
         self.misses += len(raw) - hit_count
-        return raw  # type: ignore[return-value]  # bytes: the client does not decode responses
+        return raw
 
     async def put_many(self, entries: Sequence[tuple[str, str, bytes]]) -> None:
-        """Cache packed rows (see ``pack_row``) read from the store."""
+        """Cache packed rows (see ``pack_row``) read from the store, only where no entry is (``SET NX``): a
+        writer's fence, or anything a writer set since this reader missed, is never overwritten."""
         if not entries or not self.available:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for view, entity, packed in entries:
-                    pipe.set(self.key(view, entity), packed, ex=self.settings.cache_ttl_s)
+                    pipe.set(self.key(view, entity), packed, ex=self.settings.cache_ttl_s, nx=True)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
 
-    async def invalidate(self, view: str, entities: Sequence[str]) -> bool:
-        """Delete cached rows after a write; False when Redis did not answer (entries then expire by TTL)."""
+    async def fence(self, view: str, entities: Sequence[str]) -> Fences:
+        """Step 1 of a write: replace the entries of ``entities`` with this writer's fence (one pipeline).
+        Raises ``CacheInvalidationFailed`` unless Redis set every one; tried even while reads bypass a Redis
+        that did not answer (a writer must know, not assume)."""
+        fences = Fences(view, FENCE + os.urandom(TOKEN_BYTES))
         if not entities:
-            return True
+            return fences
         try:
-            await self.client.delete(*[self.key(view, entity) for entity in entities])
+            async with self.client.pipeline(transaction=False) as pipe:
+                for entity in entities:
+                    pipe.set(self.key(view, entity), fences.token, ex=self.settings.fence_s, get=True)
+                replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
-            self._mark_down(exc)
-            return False
-        self._mark_up()
-        return True
+            raise CacheInvalidationFailed(self.settings, view, len(entities), exc) from exc
+        refused = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+        if refused is not None:
+            raise CacheInvalidationFailed(self.settings, view, len(entities), refused)
+        fences.contended = {entity for entity, old in zip(entities, replies, strict=True) if is_fence(old)}
+        return fences
+
+    async def settle(self, fences: Fences, entities: Sequence[str], rows: Mapping[str, bytes]) -> None:
+        """Step 2, after the Cassandra write: each entity in ``rows`` (packed as written) whose entry still holds
+        this writer's fence, and was not contended, becomes its row (atomically); every other entity gets the
+        plain fence for ``fence_s``. One pipeline; raises ``CacheInvalidationFailed`` (``written``) when Redis
+        failed."""
+        publish = [entity for entity in entities if entity in rows and entity not in fences.contended]
+        plain = [entity for entity in entities if entity not in rows or entity in fences.contended]
+        if self._no_eval:
+            publish, plain = [], [*publish, *plain]
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                if publish:
+                    pipe.eval(_PUBLISH, len(publish), *[self.key(fences.view, entity) for entity in publish],
+                              fences.token, self.settings.cache_ttl_s, self.settings.fence_s,
+                              *[rows[entity] for entity in publish])
+                for entity in plain:
+                    pipe.set(self.key(fences.view, entity), FENCE, ex=self.settings.fence_s)
+                replies = await pipe.execute(raise_on_error=False)
+                if publish and isinstance(replies[0], ResponseError):  # the script failed: plain fences
+                    if isinstance(replies[0], NoPermissionError) or "can't run this command" in str(replies[0]):
+                        self._no_eval = True  # no EVAL (or no GET) for this user: not again
+                    log.warning("Redis at %s:%s refused the script that caches written rows (%s: %s; the user "
+                                "needs EVAL and GET to run it): written entities are fenced for %d s instead "
+                                "(correct, but not cached until then)", self.settings.host, self.settings.port,
+                                type(replies[0]).__name__, replies[0], self.settings.fence_s)
+                    for entity in publish:
+                        pipe.set(self.key(fences.view, entity), FENCE, ex=self.settings.fence_s)
+                    replies = replies[1:] + await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise CacheInvalidationFailed(self.settings, fences.view, len(entities), exc, written=True) from exc
+        refused = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+        if refused is not None:
+            raise CacheInvalidationFailed(self.settings, fences.view, len(entities), refused, written=True)
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._down_since is None:
@@ -126,6 +194,70 @@ class FeatureCache:
 
 MISSING = b"-"
 """Cached value of an entity the store does not have."""
+
+FENCE = b"~"
+"""A writer's fence: this byte alone, or followed by the writer's token (``TOKEN_BYTES``) while its write is in
+flight. Readers treat it as a miss and never overwrite it."""
+
+TOKEN_BYTES = 8
+"""Random bytes that tell one writer's fence from another's (a fence of 9 bytes: no row is that short)."""
+
+_PUBLISH = """
+local published = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('SET', key, ARGV[3 + i], 'EX', ARGV[2])
+    published = published + 1
+  else
+    redis.call('SET', key, '~', 'EX', ARGV[3])
+  end
+end
+return published
+"""
+"""KEYS: the entries to publish; ARGV: the writer's fence, cache_ttl_s, fence_s, then the packed rows. An entry
+that still holds the writer's fence becomes its row, any other gets the plain fence."""
+
+
+@dataclass
+class Fences:
+    """What step 1 of a write left: the view, this writer's fence value, and the entities whose entry already
+    held a fence (another write may be in flight there: they are not published)."""
+
+    view: str
+    token: bytes
+    contended: set[str] = field(default_factory=set)
+
+
+class CacheInvalidationFailed(RuntimeError):
+    """Redis did not take a write's fences. From ``fence`` (before the write): the write was refused, nothing was
+    written to Cassandra. From ``settle`` (after it, ``written``): the rows were written and their first fences
+    stand. The message is one line: the Redis address, what Redis said, the outcome, the settings to check."""
+
+    def __init__(self, settings: RedisSettings, view: str, count: int, error: object, written: bool = False
+                 ) -> None:
+        said = " ".join(str(error).split()) or type(error).__name__
+        self.reason = f"{type(error).__name__}: {said}" if isinstance(error, BaseException) else said
+        """What Redis (or the connection to it) said."""
+        self.address = f"{settings.host}:{settings.port}"
+        self.written = written
+        """False (``fence``): nothing was written. True (``settle``): the rows were, and their fences stand."""
+        user = f" as user {settings.username!r}" if settings.username else ""
+        outcome = ("the rows were written and stay fenced for up to fence_s" if written
+                   else "nothing was written to Cassandra")
+        super().__init__(f"Redis at {self.address}{user} refused to invalidate the cache entries of {count} {view} "
+                         f"row(s) ({self.reason}); {outcome}. Check "
+                         "STREAMSCORE_REDIS__HOST/__PORT/__USERNAME/__PASSWORD (the user needs SET on the "
+                         "feature keys)")
+
+
+def is_fence(value: bytes | None) -> bool:
+    return value is not None and len(value) <= 1 + TOKEN_BYTES and value[:1] == FENCE
+
+
+def without_fences(raw: list[bytes | None]) -> list[bytes | None]:
+    """``raw`` with every fence replaced by None (a miss). One pass; no row is shorter than 16 bytes."""
+    return [None if value is not None and len(value) <= 1 + TOKEN_BYTES and value[:1] == FENCE else value
+            for value in raw]
 
 
 def row_dtype(features: int) -> np.dtype:

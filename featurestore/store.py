@@ -1,9 +1,16 @@
-"""The feature store a worker and a client use: Cassandra online store with the Redis cache in front."""
+"""The feature store a worker and a client use: Cassandra online store with the Redis cache in front.
+
+A write fences its rows' cache entries, writes Cassandra, then settles the entries: each becomes the written row
+where no other write overlapped it, the plain fence elsewhere (see ``cache``). If the fences cannot be set,
+nothing is written and ``put`` raises ``CacheInvalidationFailed``; if only the settling fails, a warning is
+logged and the write stands (the fences keep readers off the old rows for ``fence_s``).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +20,7 @@ import numpy as np
 from streamscore.fastpath import ViewBlock
 from streamscore.settings import Settings
 
-from .cache import MISSING, FeatureCache, pack_row, row_dtype
+from .cache import MISSING, CacheInvalidationFailed, FeatureCache, pack_row, row_dtype
 from .cassandra import CassandraStore, FeatureStoreUnavailable, StoredRow
 from .views import FeatureView
 
@@ -118,7 +125,12 @@ class FeatureStore:
         self.online.close()
 
     async def put(self, view_name: str, rows: Iterable[tuple[str, Mapping[str, Any], int | None]]) -> int:
-        """Write (entity, {feature: value}, event_ts_ms or None for now) rows, then drop their cache entries."""
+        """Write (entity, {feature: value}, event_ts_ms or None for now) rows, keeping the cache coherent.
+
+        The rows' cache entries are fenced before Cassandra is written: if Redis refuses (unreachable,
+        credentials, NOPERM, timeout), ``CacheInvalidationFailed`` is raised and nothing is written. After the
+        write (whether it succeeded or not) the entries are settled: the written row where no other write
+        overlapped, the plain fence elsewhere; a failure of that second round is logged, and the write stands."""
         view = self._view(view_name)
         now_ms = int(time.time() * 1000)
         prepared = []
@@ -129,9 +141,26 @@ class FeatureStore:
                                  f"it has {view.feature_names}")
             values = [_typed(feature.type, features.get(feature.name, feature.default)) for feature in view.features]
             prepared.append((str(entity), values, now_ms if event_ts is None else int(event_ts)))
-        await self.online.put(view_name, prepared)
-        if self.cache is not None:
-            await self.cache.invalidate(view_name, [entity for entity, _, _ in prepared])
+        if self.cache is None:
+            await self.online.put(view_name, prepared)
+            return len(prepared)
+        entities = list(dict.fromkeys(entity for entity, _, _ in prepared))
+        fences = await self.cache.fence(view_name, entities)  # raises: nothing written
+        written: dict[str, bytes] = {}
+        try:
+            await self.online.put(view_name, prepared)
+            # an entity twice in the batch is not published: which of its writes Cassandra kept is its business
+            repeated = len(entities) < len(prepared)
+            counts = Counter(entity for entity, _, _ in prepared) if repeated else None
+            written = {entity: pack_row(values, event_ts) for entity, values, event_ts in prepared
+                       if counts is None or counts[entity] == 1}
+        finally:
+            try:
+                await self.cache.settle(fences, entities, written)
+            except CacheInvalidationFailed as exc:
+                log.warning("Redis at %s did not settle the cache entries of %d %s row(s) after the Cassandra "
+                            "write (%s); the fences set before it keep readers off the old rows for up to %d s",
+                            exc.address, len(entities), view_name, exc.reason, self.settings.redis.fence_s)
         return len(prepared)
 
     async def get(self, view_name: str, entities: Sequence[str]) -> dict[str, dict[str, Any] | None]:
@@ -214,4 +243,4 @@ def _typed(kind: str, value: Any) -> Any:
     return float(value)
 
 
-__all__ = ["FeatureStore", "FeatureStoreUnavailable", "FetchedView"]
+__all__ = ["CacheInvalidationFailed", "FeatureStore", "FeatureStoreUnavailable", "FetchedView"]

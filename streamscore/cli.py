@@ -198,12 +198,13 @@ async def _with_store(settings: Settings, action: Any) -> Any:
 
 
 def _run_store(action: Any) -> Any:
+    from streamscore.featurestore.cache import CacheInvalidationFailed
     from streamscore.featurestore.cassandra import FeatureStoreUnavailable
     from streamscore.featurestore.views import ViewsError
 
     try:
         return asyncio.run(_with_store(_settings(), action))
-    except (FeatureStoreUnavailable, ViewsError, ValueError) as exc:
+    except (FeatureStoreUnavailable, CacheInvalidationFailed, ViewsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

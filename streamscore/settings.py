@@ -75,6 +75,12 @@ class RedisSettings(_Strict):
     """Connect with TLS."""
     cache_ttl_s: int = 300
     """How long a cached feature row lives in Redis."""
+    fence_s: int = Field(default=30, ge=1)
+    """How long the fence a writer sets on an entity's cache entry lives (set before its Cassandra write; after
+    it, replaced by the written row, or set again where writes overlapped): while it does, readers of that entity
+    read Cassandra and cannot cache what they read. Must exceed the longest read-through of a reader (its
+    Cassandra read to its cache fill) and the longest write, else a reader that read the old row just before a
+    write could cache it after the fence is gone."""
     socket_timeout_s: float = 0.5
     """A slow Redis must not stall a batch: after this the cache is bypassed."""
 
