@@ -12,6 +12,7 @@ import os
 
 from ._types import (
     ERROR_KINDS,
+    NO_DEADLINE,
     DecodedBatch,
     DecodeError,
     DecodeSpec,
@@ -57,6 +58,7 @@ encode_predictions = impl.encode_predictions
 __all__ = [
     "ERROR_KINDS",
     "IMPLEMENTATION",
+    "NO_DEADLINE",
     "PUREPYTHON",
     "DecodeError",
     "DecodeSpec",

@@ -6,8 +6,11 @@ import numpy as np
 
 from ._types import DecodedBatch, DecodeSpec, InputColumn, PredictionBatch, ViewBlock
 
-def decode_batch(messages: Sequence[bytes], spec: DecodeSpec) -> DecodedBatch:
-    """Decode raw request messages (single requests or msgpack arrays of them) into columns."""
+def decode_batch(messages: Sequence[bytes | None], spec: DecodeSpec) -> DecodedBatch:
+    """Decode raw request messages (single requests or msgpack arrays of them) into columns.
+
+    Never raises for a message: each bad message (or bad element of a batch message) becomes one DecodeError.
+    """
 
 def assemble(
     request_features: np.ndarray,

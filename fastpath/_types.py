@@ -13,24 +13,30 @@ from typing import Protocol
 import numpy as np
 
 # Error kinds carried by per-message (or per-element) decode errors. They become the dead letter's reason.
-UNDECODABLE = "undecodable"  # not msgpack, truncated, or trailing bytes
+UNDECODABLE = "undecodable"  # not one complete msgpack object (truncated, 0xc1, trailing bytes), or not bytes
 TOO_LARGE = "too_large"  # message over max_message_bytes, or an array over max_requests_per_message
 NOT_A_MAP = "not_a_map"  # the message (or array element) is not a msgpack map
 EMPTY_BATCH = "empty_batch"  # a msgpack array with no element
 MISSING_ID = "missing_id"
-BAD_ID = "bad_id"  # id not a non-empty str of at most max_str_len
+BAD_ID = "bad_id"  # id not a non-empty str of at most max_str_len, or not valid UTF-8
 BAD_ENTITIES = "bad_entities"  # `entities` present but not a map
 MISSING_ENTITY = "missing_entity"  # a join key the model's views need is absent
-BAD_ENTITY = "bad_entity"  # a join key that is not str/int, or too long
+BAD_ENTITY = "bad_entity"  # a join key that is not str/int, too long, or not valid UTF-8
 BAD_FEATURES = "bad_features"  # `features` present but not a map
 MISSING_FEATURE = "missing_feature"  # a request feature without a default is absent
-BAD_FEATURE = "bad_feature"  # wrong type, wrong length, NaN or inf
-BAD_FIELD = "bad_field"  # deadline_ms / sent_ms not int, reply_to / version not str
+BAD_FEATURE = "bad_feature"  # wrong type, wrong length, NaN or inf (in float32)
+BAD_FIELD = "bad_field"  # deadline_ms / sent_ms not int64, reply_to / version not a valid str
+NULL_VALUE = "null_value"  # the message value is null (a Kafka tombstone); a request must be a msgpack map or array
+EMPTY_VALUE = "empty_value"  # the message value has no byte
 
 ERROR_KINDS = (
     UNDECODABLE, TOO_LARGE, NOT_A_MAP, EMPTY_BATCH, MISSING_ID, BAD_ID, BAD_ENTITIES, MISSING_ENTITY,
-    BAD_ENTITY, BAD_FEATURES, MISSING_FEATURE, BAD_FEATURE, BAD_FIELD,
+    BAD_ENTITY, BAD_FEATURES, MISSING_FEATURE, BAD_FEATURE, BAD_FIELD, NULL_VALUE, EMPTY_VALUE,
 )
+
+NO_DEADLINE = (1 << 63) - 1
+"""``DecodedBatch.deadline_ms`` of a request without a deadline (``deadline_ms`` absent or nil): INT64_MAX, so
+``deadline_ms <= now`` is the whole expiry test (a deadline of 0 or below has always passed)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ class RequestFeature:
 
     name: str
     size: int = 1
-    """1: the value must be a number (int or float, not bool). >1: a list of exactly ``size`` numbers."""
+    """1: the value must be a number (int or float, not bool), or a list of exactly one number. >1 (and 0): a list of
+    exactly ``size`` numbers."""
     default: float | None = None
     """Used (in every column) when the feature is absent; None makes an absent feature an error."""
 
@@ -72,6 +79,10 @@ class DecodeError:
     """What was wrong, for a human reading the dead letter."""
     request_id: str | None = None
     """The request's id when it could be read."""
+    span: tuple[int, int] | None = None
+    """Byte offsets [start, end) of the element inside its message, for every element-level error
+    (``element_index >= 0``): ``message[start:end]`` is the element's own msgpack. None when the whole message is
+    at fault."""
 
 
 @dataclass
@@ -84,7 +95,8 @@ class DecodedBatch:
     features: np.ndarray
     """float32, shape (n, spec.feature_columns)."""
     deadline_ms: np.ndarray
-    """int64, shape (n,), 0 where absent."""
+    """int64, shape (n,): the request's deadline_ms; NO_DEADLINE (INT64_MAX) where absent or nil, so a deadline of
+    0 or below is a deadline that has passed, not "no deadline"."""
     sent_ms: np.ndarray
     """int64, shape (n,), 0 where absent."""
     reply_to: list[str | None]
@@ -92,6 +104,12 @@ class DecodedBatch:
     source: np.ndarray
     """int32, shape (n,): index of the message each request came from."""
     errors: list[DecodeError] = field(default_factory=list)
+    element: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """int32, shape (n,): index of the request inside its batch message; -1 when the message was a single map.
+    (Defaults exist only so that older positional constructions stay valid; both decoders always fill it.)"""
+    span: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    """int64, shape (n, 2): byte offsets [start, end) of the request inside its message; (0, len(message)) for a
+    single-map message. ``message[start:end]`` is the request's own msgpack (what a dead letter of it carries)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -146,7 +164,7 @@ class PredictionBatch:
 class FastPath(Protocol):
     """The contract both implementations satisfy."""
 
-    def decode_batch(self, messages: Sequence[bytes], spec: DecodeSpec) -> DecodedBatch: ...
+    def decode_batch(self, messages: Sequence[bytes | None], spec: DecodeSpec) -> DecodedBatch: ...
 
     def assemble(
         self,
