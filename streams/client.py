@@ -23,8 +23,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 from streamscore.settings import Settings, get_settings
 
 from . import topics
+from .clock import now_ms
 from .kafka import client_kwargs
-from .wire import now_ms, pack_request, unpack
+from .wire import pack_request, unpack
 
 
 class PredictTimeout(TimeoutError):

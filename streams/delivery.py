@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import zlib
@@ -35,6 +36,7 @@ import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalStateError,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -44,9 +46,9 @@ from aiokafka.errors import (
 )
 
 from streamscore.settings import Settings
-from streamscore.workers.pipeline import Inbound, Outbound
 
 from .kafka import client_kwargs
+from .records import Inbound, Outbound
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,21 @@ class Flight:
     next_offsets: dict[TopicPartition, int]
     acked: asyncio.Future
     fetched_at: float = field(default_factory=time.monotonic)
+    state: str = "queued"
+    """Where the batch is: queued (for its agent), scoring, publishing, acknowledged; for the stall report."""
+
+    def describe(self) -> str:
+        partitions = ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in self.next_offsets))
+        return (f"a batch of {len(self.records)} messages from {partitions or '-'} fetched "
+                f"{time.monotonic() - self.fetched_at:.1f} s ago is still {self.state}")
+
+
+_Send = tuple[str, int, list[Outbound], list[asyncio.Future]]
+"""A producer batch queued: topic, partition, its messages and the futures of its sends."""
+
+
+def _backoff(attempt: int) -> float:
+    return _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
 
 
 Substitute = Callable[[Outbound, BaseException], "Outbound | None"]
@@ -92,11 +109,41 @@ class BatchPublisher:
         self._unwritable: dict[str, tuple[BaseException, float]] = {}
         self.resent = 0
         self.substituted = 0
+        self.failures = 0
+        """Batches whose publication failed as a whole and was started again."""
 
     async def publish(self, messages: Sequence[Outbound], substitute: Substitute | None = None) -> asyncio.Future:
+        """Queue the messages as producer batches and return a future that resolves once Kafka acknowledged
+        every one of them. Never raises and never gives up: whatever fails (no metadata while the broker is
+        away, a send refused, an unexpected error) is tried again with backoff, the one retry policy of the
+        worker. A worker that cannot get its messages out for long is stopped by its progress watchdog, so
+        it is restarted rather than left waiting silently."""
+        try:
+            sends = await self._queue(messages, substitute)
+        except Exception as exc:
+            log.warning("could not queue %d messages (%r); trying again", len(messages), exc)
+            sends = None
+        return asyncio.ensure_future(self._deliver(messages, substitute, sends))
+
+    async def _queue(self, messages: Sequence[Outbound], substitute: Substitute | None) -> list[_Send]:
         groups = await self._group(messages, substitute)
-        sends = [await self._send(topic, partition, group) for (topic, partition), group in groups.items()]
-        return asyncio.ensure_future(self._confirm(sends, substitute))
+        return [await self._send(topic, partition, group) for (topic, partition), group in groups.items()]
+
+    async def _deliver(self, messages: Sequence[Outbound], substitute: Substitute | None,
+                       sends: list[_Send] | None) -> None:
+        for attempt in itertools.count():
+            try:
+                if sends is None:
+                    sends = await self._queue(messages, substitute)
+                await self._confirm(sends, substitute)
+                return
+            except Exception as exc:  # the whole batch again (repeats are within at-least-once)
+                delay = _backoff(attempt)
+                log.warning("publishing %d messages failed (%r); trying again in %.2f s", len(messages), exc,
+                            delay)
+                self.failures += 1
+                sends = None
+                await asyncio.sleep(delay)
 
     async def _group(self, messages: Sequence[Outbound], substitute: Substitute | None
                      ) -> dict[tuple[str, int], list[Outbound]]:
@@ -167,7 +214,7 @@ class BatchPublisher:
         return result
 
     async def _send(self, topic: str, partition: int, group: list[Outbound]
-                    ) -> tuple[str, int, list[Outbound], list[asyncio.Future]]:
+                    ) -> _Send:
         futures, builder = [], self.producer.create_batch()
         for _, key, value, headers in group:
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
@@ -178,7 +225,7 @@ class BatchPublisher:
         futures.append(await self.producer.send_batch(builder, topic, partition=partition))
         return topic, partition, group, futures
 
-    async def _confirm(self, sends: list[tuple[str, int, list[Outbound], list[asyncio.Future]]],
+    async def _confirm(self, sends: list[_Send],
                        substitute: Substitute | None) -> None:
         attempt = 0
         while sends:
@@ -190,7 +237,7 @@ class BatchPublisher:
                     failed.append((topic, partition, group, errors[0]))
             if not failed:
                 return
-            delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
+            delay = _backoff(attempt)
             log.warning("%d producer batches were not acknowledged (%r); sending them again in %.2f s",
                         len(failed), failed[0][3], delay)
             attempt += 1
@@ -198,7 +245,7 @@ class BatchPublisher:
             sends = await self._resend(failed, substitute)
 
     async def _resend(self, failed: list[tuple[str, int, list[Outbound], BaseException]],
-                      substitute: Substitute | None) -> list[tuple[str, int, list[Outbound], list[asyncio.Future]]]:
+                      substitute: Substitute | None) -> list[_Send]:
         """Send failed groups again. A group Kafka will never take goes out as its substitutes (a group that is
         too large is first sent one message per batch, to find the message at fault). Never raises (the broker
         may be away): what could not even be queued fails its future, and the next round retries it."""
@@ -215,7 +262,7 @@ class BatchPublisher:
 
     async def _resend_group(self, topic: str, partition: int, group: list[Outbound], error: BaseException,
                             substitute: Substitute | None
-                            ) -> list[tuple[str, int, list[Outbound], list[asyncio.Future]]]:
+                            ) -> list[_Send]:
         if isinstance(error, MessageSizeTooLargeError | RecordListTooLargeError) and len(group) > 1:
             return [await self._send(topic, partition, [message]) for message in group]
         if isinstance(error, _NEVER_ACCEPTED) and substitute is not None:
@@ -243,11 +290,15 @@ class _Rebalance(ConsumerRebalanceListener):
             await self.delivery.drain(f"{len(revoked)} partitions revoked")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.delivery.assigned = len(assigned)
         log.info("assigned %d partitions: %s", len(assigned), sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
 
 class BatchDelivery(mode.Service):
-    """Consumes the request topics in batches and hands each batch to its model's agent (see module doc)."""
+    """Consumes the request topics in batches and hands each batch to its model's agent (see module doc).
+
+    It also keeps what the progress watchdog reads: since when work has been waiting without a commit
+    (``waiting_since``), when the fetch loop last came round (``fetch_beat``), and the oldest batch in flight."""
 
     def __init__(self, settings: Settings, channels: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -265,6 +316,13 @@ class BatchDelivery(mode.Service):
         self._room = asyncio.Semaphore(worker.max_batches_in_flight)
         self.committed_batches = 0
         self.commit_failures = 0
+        self.assigned = 0
+        self.waiting_since: float | None = None
+        """monotonic time since which batches (or offsets) have been waiting with no commit; None when idle."""
+        self.fetch_beat = time.monotonic()
+        """monotonic time the fetch loop last came round (or was legitimately waiting for room)."""
+        self.waiting_for_room = False
+        self._unsent_offsets: dict[TopicPartition, int] = {}
         self._fetching = True
         self._fetch_stopped = asyncio.Event()
 
@@ -287,19 +345,32 @@ class BatchDelivery(mode.Service):
         await self.consumer.start()
         self.consumer.subscribe(sorted(self.channels), listener=_Rebalance(self))
 
-    async def finish(self, timeout: float = 30.0) -> None:
-        """Stop fetching, then wait (at most ``timeout``) until the batches in flight are committed."""
+    @property
+    def oldest_flight(self) -> Flight | None:
+        return self.flights[0] if self.flights else None
+
+    async def finish(self, timeout: float) -> bool:
+        """Stop fetching, then wait (at most ``timeout`` in all) until the batches in flight are committed.
+        True when everything fetched was committed."""
         self._fetching = False
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._fetch_stopped.wait(), timeout)
-            await asyncio.wait_for(self.drain("stopping"), timeout)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._fetch_stopped.wait(), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(self.drain("stopping"), max(0.0, deadline - time.monotonic()))
+        if self.flights:
+            log.warning("stopping with %d batches not committed (%s): they will be read again",
+                        len(self.flights), self.flights[0].describe())
+        return not self.flights
 
     async def on_stop(self) -> None:
-        await self.finish()
-        if self.consumer is not None:
-            await self.consumer.stop()
-        if self.producer is not None:
-            await self.producer.stop()
+        budget = self.settings.worker.shutdown_timeout_s
+        await self.finish(budget / 2)
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.stop(), budget / 4)
+                except Exception as exc:
+                    log.warning("%s did not stop cleanly (%r)", type(client).__name__, exc)
 
     @mode.Service.task
     async def _fetch_loop(self) -> None:
@@ -312,55 +383,88 @@ class BatchDelivery(mode.Service):
     async def _fetch_until_stopped(self) -> None:
         assert self.consumer is not None
         while self._fetching and not self.should_stop:
+            self.fetch_beat = time.monotonic()
             try:
                 fetched = await self.consumer.getmany(timeout_ms=max(self.window_ms, 1), max_records=self.batch_max)
-            except KafkaError as exc:
-                log.warning("fetch failed (%r); retrying", exc)
+                by_topic: dict[str, list[tuple[TopicPartition, list[Any]]]] = {}
+                for tp, records in fetched.items():
+                    by_topic.setdefault(tp.topic, []).append((tp, records))
+                for topic, parts in by_topic.items():
+                    await self._dispatch(topic, parts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the fetch loop never dies: the watchdog would only see silence
+                log.warning("fetch failed (%r); retrying", exc, exc_info=not isinstance(exc, KafkaError))
                 await asyncio.sleep(0.5)
-                continue
-            by_topic: dict[str, list[tuple[TopicPartition, list[Any]]]] = {}
-            for tp, records in fetched.items():
-                by_topic.setdefault(tp.topic, []).append((tp, records))
-            for topic, parts in by_topic.items():
-                await self._dispatch(topic, parts)
 
     async def _dispatch(self, topic: str, parts: list[tuple[TopicPartition, list[Any]]]) -> None:
         records = [Inbound(record.value, record.key, record.topic, record.partition, record.offset)
                    for _, batch in parts for record in batch]
         next_offsets = {tp: batch[-1].offset + 1 for tp, batch in parts}
-        await self._room.acquire()
+        self.waiting_for_room = True
+        try:
+            await self._room.acquire()
+        finally:
+            self.waiting_for_room = False
+            self.fetch_beat = time.monotonic()
         flight = Flight(records, next_offsets, asyncio.get_running_loop().create_future())
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
         self.flights.append(flight)
         self._flight_added.set()
         await self.channels[topic].put(flight)
 
     @mode.Service.task
     async def _commit_loop(self) -> None:
-        """Commits flights strictly in fetch order, each once its batch is acknowledged."""
+        """Commits flights strictly in fetch order, each once its batch is acknowledged. Never dies: a commit
+        that fails is tried again with the next one (offsets only move forward)."""
         while not (self.should_stop and not self.flights):  # keeps committing while a stop drains
-            if not self.flights:
-                self._flight_added.clear()
-                await self._flight_added.wait()
-                continue
-            flight = self.flights[0]
-            await asyncio.shield(flight.acked)
-            offsets = dict(flight.next_offsets)
-            self.flights.popleft()
+            try:
+                await self._commit_next()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the commit loop failed; carrying on")
+                await asyncio.sleep(0.5)
+
+    async def _commit_next(self) -> None:
+        if not self.flights:
+            if self._unsent_offsets:
+                await self._commit({})
+                await asyncio.sleep(0.5 if self._unsent_offsets else 0)
+                return
+            self.waiting_since = None
+            self._flight_added.clear()
+            await self._flight_added.wait()
+            return
+        flight = self.flights[0]
+        await asyncio.shield(flight.acked)
+        offsets = dict(flight.next_offsets)
+        self.flights.popleft()
+        self._room.release()
+        while self.flights and self.flights[0].acked.done():  # coalesce ready flights into one commit
+            offsets.update(self.flights.popleft().next_offsets)
             self._room.release()
-            while self.flights and self.flights[0].acked.done():  # coalesce ready flights into one commit
-                offsets.update(self.flights.popleft().next_offsets)
-                self._room.release()
-            await self._commit(offsets)
+        await self._commit(offsets)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
+        offsets = {**self._unsent_offsets, **offsets}
         try:
             await self.consumer.commit(offsets)
-            self.committed_batches += 1
-        except (CommitFailedError, KafkaError) as exc:
+        except (CommitFailedError, IllegalStateError) as exc:
             # the partitions moved on (rebalance): their new owner re-reads from the last commit; repeats only
             self.commit_failures += 1
+            self._unsent_offsets = {}
             log.warning("offset commit failed (%r); those requests may be answered again", exc)
+        except Exception as exc:  # the broker away, or anything else: committed with the next batch
+            self.commit_failures += 1
+            self._unsent_offsets = offsets
+            log.warning("offset commit failed (%r); trying again with the next one", exc)
+        else:
+            self.committed_batches += 1
+            self._unsent_offsets = {}
+            self.waiting_since = time.monotonic() if self.flights else None
 
     async def drain(self, why: str) -> None:
         """Wait until every batch in flight is acknowledged and committed."""

@@ -7,13 +7,10 @@ original bytes unchanged, with the reason in headers.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
-
-from streamscore.fastpath import DecodeError
 
 WIRE_VERSION = "1"
 
@@ -39,10 +36,6 @@ KEPT_VALUE_BYTES = 64 << 10
 KEPT_KEY_BYTES = 1 << 10
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def pack_request(request: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> bytes:
     """One request map, or a list of them (a batch message answered one prediction per element)."""
     return msgpack.packb(request, use_bin_type=True)
@@ -52,27 +45,12 @@ def unpack(value: bytes) -> Any:
     return msgpack.unpackb(value, raw=False, strict_map_key=False)
 
 
-def dead_letter_headers(error: DecodeError, model: str, topic: str, partition: int, offset: int
-                        ) -> list[tuple[str, bytes]]:
-    headers = [
-        (HEADER_ERROR_KIND, error.kind.encode()),
-        (HEADER_ERROR_MESSAGE, error.detail.encode()),
-        (HEADER_MODEL, model.encode()),
-        (HEADER_ELEMENT, str(error.element_index).encode()),
-        (HEADER_SOURCE, f"{topic}/{partition}/{offset}".encode()),
-        (HEADER_FAILED_MS, str(now_ms()).encode()),
-    ]
-    if error.request_id is not None:
-        headers.append((HEADER_REQUEST_ID, error.request_id.encode()))
-    return headers
-
-
-def bounded_letter(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
-                   ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+def bounded_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+                   ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """A dead letter's key, value and headers, cut to fit any broker's default limit: over
     ``DEAD_LETTER_MAX_BYTES`` the value keeps its first 64 KiB (and the key its first 1 KiB); the original
-    size and sha256 of the value go in the headers."""
-    if len(value) + len(key or b"") <= DEAD_LETTER_MAX_BYTES:
+    size and sha256 of the value go in the headers. A null value (a tombstone) stays null."""
+    if value is None or len(value) + len(key or b"") <= DEAD_LETTER_MAX_BYTES:
         return key, value, headers
     headers = [*headers, (HEADER_ORIGINAL_BYTES, str(len(value)).encode()),
                (HEADER_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]

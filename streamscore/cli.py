@@ -100,7 +100,7 @@ def stack_logs(lines: int) -> None:
 def worker(models: tuple[str, ...]) -> None:
     """Run an inference worker (a Faust app, one agent per model) until stopped."""
     from streamscore.featurestore.views import ViewsError
-    from streamscore.streams.app import run_worker
+    from streamscore.workers.app import run_worker
     from streamscore.workers.library import ModelError
 
     settings = _settings()

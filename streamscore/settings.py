@@ -130,6 +130,14 @@ class WorkerSettings(_Strict):
     is always allowed. None allows any topic the worker may write, which lets any requester write there."""
     web_port: int = 6066
     """Port of the Faust web server (metrics, health)."""
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+    """A worker whose oldest batch has waited this long without a commit (or whose event loop or fetch loop
+    has not come round for this long) cannot make progress: it reports not ready at ``/readyz``, logs why and
+    exits with code 70 so its supervisor restarts it. Longer than any broker outage it should ride out."""
+    shutdown_timeout_s: float = Field(default=15.0, gt=0)
+    """Longest a SIGTERM/SIGINT shutdown may take: the batches in flight are finished and committed within
+    about half of it; past the whole of it the process exits at once (code 71) and whatever was not committed
+    is read again by the next owner of its partitions."""
 
 
 class Settings(BaseSettings):

@@ -15,15 +15,17 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from streamscore import __version__, fastpath
 from streamscore.featurestore.store import FeatureStore, FetchedView
 from streamscore.streams import topics
-from streamscore.streams.wire import bounded_letter, dead_letter_headers
+from streamscore.streams.clock import now_ms
+from streamscore.streams.records import Inbound, Outbound
 
+from .deadletters import DeadLetters
 from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -34,26 +36,6 @@ REFUSED_TOPICS = frozenset({".", "..", "__consumer_offsets", "__transaction_stat
                             "__cluster_metadata"})
 """Topic names Kafka never takes a write to (invalid, or internal): a reply_to naming one is a bad field,
 dead-lettered at once instead of being retried against the broker."""
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """One consumed message."""
-
-    value: bytes
-    key: bytes | None = None
-    topic: str = ""
-    partition: int = -1
-    offset: int = -1
-
-
-class Outbound(NamedTuple):
-    """One message to publish (a tuple: thousands are made per second)."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass
@@ -77,10 +59,6 @@ def code_version() -> str:
     return f"{__version__}+g{commit}"
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class _Clock:
     def __init__(self) -> None:
         self.marks: dict[str, int] = {}
@@ -101,18 +79,20 @@ class BatchPipeline:
         self.prefix = topic_prefix
         self.predictions_topic = topics.predictions(topic_prefix, model.name)
         self.dlq_topic = topics.dead_letters(topic_prefix, model.name)
+        self.letters = DeadLetters(model.name, self.dlq_topic)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.code_version = code_version()
         self._batch_seq = itertools.count(1)
 
     async def process(self, batch: Sequence[Inbound]) -> BatchOutcome:
         clock = _Clock()
-        received_ms = _now_ms()
+        received_ms = now_ms()
         decoded = fastpath.decode_batch([message.value for message in batch], self.model.decode_spec)
         clock.lap("decode")
-        dead_letters = [self._dead_letter(batch, error) for error in decoded.errors]
+        dead_letters = [self.letters.rejected(batch[error.message_index], error) for error in decoded.errors]
         keep = self._screen(batch, decoded, dead_letters)
-        status = np.where((decoded.deadline_ms > 0) & (decoded.deadline_ms < received_ms), "expired", "ok")
+        # an absent deadline decodes as fastpath.NO_DEADLINE; 0 and negative deadlines have passed
+        status = np.where(decoded.deadline_ms <= received_ms, "expired", "ok")
         status[~keep] = "skip"
         live = np.flatnonzero(status == "ok")
         all_live = len(live) == len(decoded)
@@ -129,7 +109,7 @@ class BatchPipeline:
         clock.lap("infer")
         prediction_batch = self._prediction_batch(decoded, status, live, outputs, errors, fetched, received_ms,
                                                   clock.marks)
-        encoded = fastpath.encode_predictions(prediction_batch, _now_ms())
+        encoded = fastpath.encode_predictions(prediction_batch, now_ms())
         clock.lap("encode")
         default_topic, reply_to = self.predictions_topic, decoded.reply_to
         # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
@@ -161,8 +141,10 @@ class BatchPipeline:
             else:
                 continue
             keep[row] = False
-            error = fastpath.DecodeError(int(decoded.source[row]), -1, kind, detail, decoded.ids[row])
-            dead_letters.append(self._dead_letter(batch, error))
+            element = int(decoded.element[row])
+            span = (int(decoded.span[row, 0]), int(decoded.span[row, 1])) if element >= 0 else None
+            error = fastpath.DecodeError(int(decoded.source[row]), element, kind, detail, decoded.ids[row], span)
+            dead_letters.append(self.letters.rejected(batch[error.message_index], error))
         return keep
 
     def _infer(self, inputs: np.ndarray | None, live: np.ndarray, rows: int
@@ -240,11 +222,6 @@ class BatchPipeline:
         if state == "error":
             return error
         return None
-
-    def _dead_letter(self, batch: Sequence[Inbound], error: fastpath.DecodeError) -> Outbound:
-        message = batch[error.message_index]
-        headers = dead_letter_headers(error, self.model.name, message.topic, message.partition, message.offset)
-        return Outbound(self.dlq_topic, *bounded_letter(message.key, message.value, headers))
 
 
 @dataclass

@@ -166,6 +166,92 @@ def test_malformed_message_is_dead_lettered_and_its_batch_answered(deployment: D
     assert len(mine) == 2, "each bad message becomes exactly one dead letter"
 
 
+def _produce_foreign(deployment: Deployment, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+    """Produce (key, value) pairs with librdkafka (confluent-kafka), a client the project did not write, as a
+    user's own producer would; a None value is a tombstone."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": deployment.settings.kafka.bootstrap, "linger.ms": 20})
+    topic = topics.requests(deployment.settings.topic_prefix, MODEL)
+    for key, value in messages:
+        producer.produce(topic, value=value, key=key)
+    assert producer.flush(30) == 0, "librdkafka could not deliver every message"
+
+
+def _letters_keyed(deployment: Deployment, key: bytes, count: int) -> list[Any]:
+    dlq = topics.dead_letters(deployment.settings.topic_prefix, MODEL)
+    records = asyncio.run(_consume(deployment, dlq, lambda found: sum(r.key == key for r in found) >= count))
+    return [record for record in records if record.key == key]
+
+
+def test_a_tombstone_then_ten_good_requests_give_one_dead_letter_and_ten_answers(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    goods = [request(f"tomb-{run}-{i}", "card-3", "merchant-3") for i in range(10)]
+    tombstone_key = f"tombstone-{run}".encode()
+    _produce_foreign(deployment, [(tombstone_key, None), (tombstone_key, b""),
+                                  *((b"card-3", msgpack.packb(good)) for good in goods)])
+
+    predictions = _predictions_for(deployment, {good["id"] for good in goods})
+    letters = _letters_keyed(deployment, tombstone_key, 2)
+
+    assert sorted(p["id"] for p in predictions) == sorted(g["id"] for g in goods)
+    assert all(p["status"] == "ok" for p in predictions)
+    assert sorted(headers_dict(r.headers)[HEADER_ERROR_KIND] for r in letters) == ["empty_value", "null_value"]
+    assert sorted((r.value is None, r.value) for r in letters) == [(False, b""), (True, None)]
+
+
+def test_zero_and_negative_deadlines_have_passed(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    expired = [request(f"dl-{run}-{value}", "card-1", "merchant-1", deadline_ms=value) for value in (0, -5, 1)]
+    open_ended = request(f"dl-{run}-none", "card-1", "merchant-1")
+    asyncio.run(_produce(deployment, [*expired, open_ended]))
+
+    predictions = {p["id"]: p for p in _predictions_for(deployment, {r["id"] for r in [*expired, open_ended]})}
+
+    assert [predictions[r["id"]]["status"] for r in expired] == ["expired"] * 3
+    assert predictions[open_ended["id"]]["status"] == "ok"
+
+
+def test_dead_letters_of_a_batch_message_carry_only_their_element(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    bad = [{"id": f"bad-{run}-{i}", "entities": {"card_id": "card-1"}, "features": {"amount": "NaN?"}}
+           for i in range(1000)]
+    good = [request(f"good-{run}-{i}", "card-4", "merchant-4") for i in range(2)]
+    elements = [good[0], *bad, good[1]]
+    message = msgpack.packb(elements)
+    key = f"mixed-{run}".encode()
+    _produce_foreign(deployment, [(key, message)])
+
+    predictions = _predictions_for(deployment, {g["id"] for g in good})
+    letters = _letters_keyed(deployment, key, 1000)
+
+    assert sorted(p["id"] for p in predictions) == sorted(g["id"] for g in good)
+    assert len(letters) == 1000, "one dead letter per bad element"
+    assert sum(len(r.value) for r in letters) <= len(message), "dead-letter bytes bounded by the message's bytes"
+    by_element = {int(headers_dict(r.headers)["streamscore-element"]): r for r in letters}
+    assert sorted(by_element) == list(range(1, 1001))
+    for index, letter in by_element.items():
+        assert msgpack.unpackb(letter.value) == elements[index]
+        assert headers_dict(letter.headers)[HEADER_REQUEST_ID] == elements[index]["id"]
+
+
+def test_screened_elements_are_dead_lettered_with_their_index(deployment: Deployment) -> None:
+    run = uuid.uuid4().hex[:6]
+    elements = [request(f"scr-{run}-0", "card-5", "merchant-5"),
+                request(f"scr-{run}-1", "card-5", "merchant-5", version="no-such-version"),
+                request(f"scr-{run}-2", "card-5", "merchant-5", reply_to="__consumer_offsets")]
+    key = f"screen-{run}".encode()
+    _produce_foreign(deployment, [(key, msgpack.packb(elements))])
+
+    _predictions_for(deployment, {elements[0]["id"]})
+    letters = _letters_keyed(deployment, key, 2)
+
+    named = sorted((headers_dict(r.headers)["streamscore-element"], headers_dict(r.headers)[HEADER_ERROR_KIND])
+                   for r in letters)
+    assert named == [("1", "unknown_version"), ("2", "bad_field")]
+    assert sorted(msgpack.unpackb(r.value)["id"] for r in letters) == [elements[1]["id"], elements[2]["id"]]
+
+
 def test_batch_message_gives_one_prediction_per_element(deployment: Deployment) -> None:
     run = uuid.uuid4().hex[:6]
     batch = [request(f"arr-{run}-{i}", f"card-{100 + i}", f"merchant-{i}", 10.0 * (i + 1)) for i in range(32)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -47,7 +49,14 @@ from streamscore.stack import Stack
 from streamscore.streams import topics
 from streamscore.streams.client import Client, PredictTimeout, partitions_of
 from streamscore.streams.kafka import client_kwargs
-from streamscore.streams.wire import HEADER_ERROR_KIND, HEADER_REQUEST_ID, headers_dict
+from streamscore.streams.wire import (
+    HEADER_ELEMENT,
+    HEADER_ERROR_KIND,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ORIGINAL_BYTES,
+    HEADER_REQUEST_ID,
+    headers_dict,
+)
 
 MODEL = "fraud"
 HOST = "127.0.0.1"
@@ -207,8 +216,8 @@ class Scenario:
     def dlq_topic(self) -> str:
         return topics.dead_letters(self.prefix, MODEL)
 
-    def worker(self, label: str) -> WorkerProcess:
-        return WorkerProcess(self.env, self.folder / f"worker-{label}.log", self.folder)
+    def worker(self, label: str, faulty: bool = False, **extra_env: str) -> WorkerProcess:
+        return WorkerProcess({**self.env, **extra_env}, self.folder / f"worker-{label}.log", self.folder, faulty)
 
     async def create_topics(self, request_topic_config: dict[str, str] | None = None,
                             extra_topics: Sequence[str] = ()) -> None:
@@ -233,10 +242,12 @@ class WorkerProcess:
     """``python -m streamscore worker --model fraud`` with a scenario's environment, its log in a file and its
     working directory in the scenario's folder (Faust writes a data folder there)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path, faulty: bool = False) -> None:
         self.env = env
         self.log_path = log_path
         self.cwd = cwd
+        self.faulty = faulty
+        """Run tests/reliability/faulty_worker.py (faults injected on markers) instead of the plain worker."""
         self.process: subprocess.Popen | None = None
         self.web_port = 0
         self.max_rss_kb = 0
@@ -246,10 +257,13 @@ class WorkerProcess:
         assert not self.alive, "already running"
         self.web_port = free_port()
         env = {**os.environ, **self.env, "STREAMSCORE_WORKER__WEB_PORT": str(self.web_port)}
+        command = [sys.executable, "-m", "streamscore", "worker", "--model", MODEL]
+        if self.faulty:
+            command = [sys.executable, "-m", "tests.reliability.faulty_worker", "--model", MODEL]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {self.starts + 1} at {time.strftime('%H:%M:%S')} =====\n".encode())
-            self.process = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
-                                            env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
         return self
 
@@ -300,11 +314,16 @@ class WorkerProcess:
             pass
         return 0
 
-    def status(self) -> dict[str, Any] | None:
-        """The worker's /status JSON, or None when it does not answer."""
+    def status(self, page: str = "status") -> dict[str, Any] | None:
+        """The worker's /status JSON (or another JSON page's), or None when it does not answer."""
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.web_port}/status", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{HOST}:{self.web_port}/{page}", timeout=2) as response:
                 return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as error:  # /readyz answers 503 with a JSON body
+            try:
+                return dict(json.loads(error.read()))
+            except ValueError:
+                return None
         except (OSError, ValueError):
             return None
 
@@ -452,6 +471,16 @@ class Letter:
     key: bytes | None
     kind: str
     request_id: str | None
+    element: int | None = None
+    """The ``streamscore-element`` header (None when absent or not an int)."""
+    value_sha256: str | None = None
+    """sha256 of the dead letter's value (hex); None when the value is null (a tombstone's dead letter)."""
+    value_size: int = -1
+    """Length of the dead letter's value; -1 when it is null."""
+    original_bytes: int | None = None
+    """The ``streamscore-original-bytes`` header: the original value's length when the value was cut."""
+    message: str = ""
+    """The start of the ``streamscore-error-message`` header (its first 300 characters)."""
 
 
 class Collector:
@@ -491,21 +520,27 @@ class Collector:
             for tp, records in fetched.items():
                 for record in records:
                     if tp.topic in self.prediction_topics:
-                        self._prediction(record.value)
+                        self._prediction(record.value, tp.topic)
                     else:
-                        self._letter(record.key, record.headers)
+                        self._letter(record.key, record.headers, record.value)
 
-    def _prediction(self, value: bytes) -> None:
+    def _prediction(self, value: bytes, topic: str | None = None) -> None:
         prediction = msgpack.unpackb(value, raw=False)
         request_id = prediction["id"]
         self.counts[request_id] += 1
         if request_id not in self.first:
             self.first[request_id] = {"status": prediction["status"], "version": prediction["version"],
-                                      "degraded": tuple(prediction["degraded"])}
+                                      "degraded": tuple(prediction["degraded"]), "topic": topic}
 
-    def _letter(self, key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> None:
+    def _letter(self, key: bytes | None, headers: Sequence[tuple[str, bytes]], value: bytes | None = b"") -> None:
         named = headers_dict(headers)
-        self.letters.append(Letter(key, named.get(HEADER_ERROR_KIND, "?"), named.get(HEADER_REQUEST_ID)))
+        self.letters.append(Letter(
+            key, named.get(HEADER_ERROR_KIND, "?"), named.get(HEADER_REQUEST_ID),
+            element=_int_or_none(named.get(HEADER_ELEMENT)),
+            value_sha256=None if value is None else hashlib.sha256(value).hexdigest(),
+            value_size=-1 if value is None else len(value),
+            original_bytes=_int_or_none(named.get(HEADER_ORIGINAL_BYTES)),
+            message=named.get(HEADER_ERROR_MESSAGE, "")[:300]))
 
     @property
     def answered(self) -> int:
@@ -526,6 +561,13 @@ class Collector:
             await asyncio.sleep(0.2)
         await asyncio.sleep(grace)
         return done()
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- tally

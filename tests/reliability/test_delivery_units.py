@@ -17,11 +17,11 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
-    UnknownTopicOrPartitionError,
 )
 
 from streamscore.streams import delivery
 from streamscore.streams.delivery import BatchPublisher, Flight
+from streamscore.streams.records import Inbound, Outbound
 from streamscore.streams.wire import (
     DEAD_LETTER_MAX_BYTES,
     HEADER_ORIGINAL_BYTES,
@@ -29,7 +29,8 @@ from streamscore.streams.wire import (
     KEPT_VALUE_BYTES,
     bounded_letter,
 )
-from streamscore.workers.pipeline import BatchOutcome, Inbound, Outbound
+from streamscore.workers.deadletters import DeadLetters
+from streamscore.workers.pipeline import BatchOutcome
 
 DLQ = "p.m.dlq"
 
@@ -175,18 +176,29 @@ def test_a_new_topic_without_metadata_is_unwritable_only_while_the_cluster_answe
         return producer.sent
 
     assert [topic for topic, _, _ in run(scenario(True))] == [DLQ]
-    with pytest.raises(KafkaConnectionError):  # the broker is away: not the topic's fault, try again later
-        run(scenario(False))
+
+
+def test_while_no_broker_answers_a_publication_waits_and_retries_never_dead_letters() -> None:
+    async def scenario() -> tuple[bool, int, list[Any]]:
+        producer = FakeProducer(cluster_answers=False, unknown_wait_s=0)
+        publisher = BatchPublisher(producer, topic_wait_s=0.01)
+        acked = await publisher.publish([Outbound("missing.topic", b"k", b"v")], letter_for)  # never raises
+        await asyncio.sleep(0.3)
+        return acked.done(), publisher.failures, producer.sent
+
+    done, failures, sent = run(scenario())
+    assert not done and failures >= 2 and sent == []  # the broker is away: not the topic's fault
 
 
 def test_an_own_topic_slow_to_answer_is_asked_again_at_once() -> None:
     async def scenario() -> list[Any]:
         producer = FakeProducer(partitions={DLQ: 1})
         publisher = BatchPublisher(producer, topic_wait_s=0.05)
-        with pytest.raises(UnknownTopicOrPartitionError):  # no metadata yet, and no substitute for it
-            await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for)
+        acked = await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for)
+        await asyncio.sleep(0.2)  # no metadata yet, and no substitute for it: retried, not dead-lettered
+        assert not acked.done() and publisher.failures >= 1
         producer.partitions["p.m.predictions"] = 2  # the metadata arrives
-        await (await publisher.publish([Outbound("p.m.predictions", b"k", b"v")], letter_for))
+        await acked
         return producer.sent
 
     assert [topic for topic, _, _ in run(scenario())] == ["p.m.predictions"]
@@ -196,47 +208,48 @@ def test_an_own_topic_slow_to_answer_is_asked_again_at_once() -> None:
 
 
 class FakePublisher:
-    def __init__(self, outcomes: list[BaseException | None]) -> None:
-        self.outcomes = outcomes
+    """Acknowledges every publication at once and keeps what was published."""
+
+    def __init__(self) -> None:
         self.published: list[list[Any]] = []
 
     async def publish(self, messages: list[Any], substitute: Any = None) -> asyncio.Future:
         self.published.append(messages)
         future = asyncio.get_running_loop().create_future()
-        outcome = self.outcomes.pop(0)
-        if outcome is None:
-            future.set_result(None)
-        else:
-            future.set_exception(outcome)
+        future.set_result(None)
         return future
 
 
 class FakePipeline:
-    """Fails any batch holding a poison message."""
+    """Fails any batch holding a poison message; ``broken`` makes every call fail, even on one message."""
 
     dlq_topic = DLQ
     predictions_topic = "p.m.predictions"
+    letters = DeadLetters("m", DLQ)
 
     class model:  # stands in for the runtime attribute
         name = "m"
 
-    def __init__(self) -> None:
+    def __init__(self, broken: BaseException | None = None) -> None:
         self.calls = 0
+        self.broken = broken
 
     async def process(self, batch: list[Inbound]) -> BatchOutcome:
         self.calls += 1
+        if self.broken is not None:
+            raise self.broken
         if any(message.value == b"poison" for message in batch):
             raise ValueError("poison")
         predictions = [Outbound("p.m.predictions", message.value, b"prediction") for message in batch]
         return BatchOutcome(predictions, [], len(batch), 0, {"decode": 1})
 
 
-def make_agent(outcomes: list[BaseException | None]) -> tuple[Any, FakePublisher]:
-    from streamscore.streams.app import ModelAgent
+def make_agent(pipeline: FakePipeline | None = None) -> tuple[Any, FakePublisher]:
     from streamscore.streams.metrics import WorkerMetrics
+    from streamscore.workers.app import ModelAgent
 
-    agent = ModelAgent(FakePipeline(), WorkerMetrics())
-    publisher = FakePublisher(outcomes)
+    agent = ModelAgent(pipeline or FakePipeline(), WorkerMetrics())
+    publisher = FakePublisher()
 
     class Delivery:
         pass
@@ -246,27 +259,75 @@ def make_agent(outcomes: list[BaseException | None]) -> tuple[Any, FakePublisher
     return agent, publisher
 
 
-def test_a_flight_is_acknowledged_only_when_its_publication_succeeded() -> None:
+def kinds(messages: list[Any]) -> list[str]:
+    return [dict(message[3] or [])["streamscore-error-kind"].decode() for message in messages if message[3]]
+
+
+def test_a_flight_is_acknowledged_once_its_publication_is() -> None:
     async def scenario() -> FakePublisher:
-        agent, publisher = make_agent([KafkaTimeoutError("lost the race"), None])
+        agent, publisher = make_agent()
         flight = Flight([Inbound(b"r1")], {}, asyncio.get_running_loop().create_future())
         await agent.handle(flight)
-        await asyncio.wait_for(asyncio.shield(flight.acked), 5)  # resolved only after the second publication
+        await asyncio.wait_for(asyncio.shield(flight.acked), 5)
+        assert flight.state == "acknowledged"
         return publisher
 
     publisher = run(scenario())
-    assert len(publisher.published) == 2 and publisher.published[0] == publisher.published[1]
+    assert [message[1] for message in publisher.published[0]] == [b"r1"]
+
+
+@pytest.mark.parametrize("failure", [ValueError("bug"), TypeError("object of type 'NoneType' has no len()"),
+                                     RuntimeError("stage down")])
+def test_a_batch_ends_dead_lettered_whatever_the_pipeline_raises(monkeypatch: pytest.MonkeyPatch,
+                                                                  failure: BaseException) -> None:
+    from streamscore.workers import app
+
+    monkeypatch.setattr(app, "_PIPELINE_ATTEMPTS", 1)
+    batch = [Inbound(b"r1", b"k1", "t", 0, 1), Inbound(None, b"tombstone", "t", 0, 2)]
+
+    async def scenario() -> tuple[Flight, FakePublisher]:
+        agent, publisher = make_agent(FakePipeline(broken=failure))
+        flight = Flight(batch, {}, asyncio.get_running_loop().create_future())
+        await agent.handle(flight)
+        await asyncio.wait_for(asyncio.shield(flight.acked), 5)
+        return flight, publisher
+
+    flight, publisher = run(scenario())
+    (published,) = publisher.published
+    assert kinds(published) == ["processing_failed", "processing_failed"]
+    assert [(message[1], message[2]) for message in published] == [(b"k1", b"r1"), (b"tombstone", None)]
+    assert flight.acked.done()
+
+
+def test_an_exception_outside_the_pipeline_still_ends_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, publisher = make_agent()
+
+    def broken_isolation(*args: Any) -> Any:
+        raise RuntimeError("isolation itself failed")
+
+    monkeypatch.setattr(agent, "_process", broken_isolation)
+
+    async def scenario() -> Flight:
+        flight = Flight([Inbound(b"r1", b"k", "t", 0, 5)], {}, asyncio.get_running_loop().create_future())
+        await agent.handle(flight)
+        await asyncio.wait_for(asyncio.shield(flight.acked), 5)
+        return flight
+
+    run(scenario())
+    (published,) = publisher.published
+    assert kinds(published) == ["processing_failed"]
+    assert dict(published[0][3])["streamscore-source"] == b"t/0/5"
 
 
 def test_a_poison_message_is_dead_lettered_alone_and_the_rest_answered(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamscore.streams import app
+    from streamscore.workers import app
 
     monkeypatch.setattr(app, "_PIPELINE_ATTEMPTS", 1)
     batch = [Inbound(f"r{index}".encode(), topic="t", partition=0, offset=index) for index in range(9)]
     batch.insert(5, Inbound(b"poison", topic="t", partition=0, offset=99))
 
     async def scenario() -> BatchOutcome:
-        agent, _ = make_agent([])
+        agent, _ = make_agent()
         return await agent._process(batch)
 
     outcome = run(scenario())
@@ -288,12 +349,14 @@ def test_a_dead_letter_over_the_broker_limit_is_cut_and_says_so() -> None:
     assert named[HEADER_ORIGINAL_SHA256] == hashlib.sha256(value).hexdigest().encode()
     small = (b"k", b"small", [("a", b"b")])
     assert bounded_letter(*small) == small
+    tombstone = (b"k", None, [("a", b"b")])
+    assert bounded_letter(*tombstone) == tombstone
 
 
 def test_faust_flow_control_neither_blocks_nor_clears_flights() -> None:
     import faust
 
-    from streamscore.streams.app import FlightChannel
+    from streamscore.workers.app import FlightChannel
 
     async def scenario() -> list[str]:
         app = faust.App("flight-channel-test", broker="kafka://127.0.0.1:1")

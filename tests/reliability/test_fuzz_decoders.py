@@ -1,7 +1,7 @@
 """Fuzz the fast path's request decoders, compiled and pure-Python, with arbitrary bytes (atheris/libFuzzer when
 installed, a seeded mutator otherwise), in a subprocess: a segfault fails this test with the input that caused
-it instead of killing pytest. Neither twin may crash or raise, and both must agree (see fuzz_decoders.py for
-the one known divergence, excluded there and reported)."""
+it instead of killing pytest. Neither twin may crash or raise, and both must agree on every column, error,
+detail and span (fuzz_decoders.py)."""
 
 from __future__ import annotations
 

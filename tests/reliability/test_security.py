@@ -236,7 +236,7 @@ def test_the_compiled_fast_path_neither() -> None:
 def test_message_values_reach_the_worker_raw_and_msgpack_builds_no_objects() -> None:
     """Faust is told to hand over raw bytes (its default serializer for an untyped topic could be pickle-like
     codecs by configuration), and msgpack is never given hooks that turn data into objects."""
-    app_source = (PROJECT_ROOT / "streams" / "app.py").read_text()
+    app_source = (PROJECT_ROOT / "workers" / "app.py").read_text()
     assert 'key_serializer="raw"' in app_source and 'value_serializer="raw"' in app_source
     for path in python_sources():
         text = path.read_text()

@@ -9,10 +9,10 @@ batch's offsets are committed once Kafka acknowledged all of them: a crash may r
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
-import itertools
 import logging
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,27 +24,18 @@ from mode.utils.queues import FlowControlEvent, ThrowableQueue
 from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import FeatureView, load_views
 from streamscore.settings import Settings
-from streamscore.workers.library import ModelError, versions
-from streamscore.workers.pipeline import BatchOutcome, BatchPipeline, Inbound, Outbound
-from streamscore.workers.runtime import ModelRuntime, load_model
+from streamscore.streams import topics
+from streamscore.streams.client import ensure_topics
+from streamscore.streams.delivery import BatchDelivery, Flight
+from streamscore.streams.kafka import faust_broker, faust_credentials
+from streamscore.streams.metrics import WorkerMetrics
+from streamscore.streams.records import Inbound, Outbound
+from streamscore.streams.watchdog import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED, Watchdog, hard_exit
 
-from . import topics
-from .client import ensure_topics
-from .delivery import BatchDelivery, Flight
-from .kafka import faust_broker, faust_credentials
-from .metrics import WorkerMetrics
-from .wire import (
-    HEADER_DESTINATION,
-    HEADER_ERROR_KIND,
-    HEADER_ERROR_MESSAGE,
-    HEADER_FAILED_MS,
-    HEADER_MODEL,
-    HEADER_REQUEST_ID,
-    HEADER_SOURCE,
-    UNDELIVERABLE,
-    bounded_letter,
-    now_ms,
-)
+from .deadletters import DeadLetters
+from .library import ModelError, versions
+from .pipeline import BatchOutcome, BatchPipeline
+from .runtime import ModelRuntime, load_model
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +58,44 @@ class ModelAgent:
         self.pending_model: ModelRuntime | None = None
         """A newer version, loaded and verified; swapped in between two batches."""
         self._refused: set[tuple[str, float]] = set()
-        self._retries: set[asyncio.Future] = set()
+
+    @property
+    def letters(self) -> DeadLetters:
+        return self.pipeline.letters
 
     async def handle(self, flight: Flight) -> None:
-        """Score a batch and queue its messages; the flight is acknowledged once Kafka has all of them."""
+        """Score a batch and queue its messages; the flight is acknowledged once Kafka has all of them.
+
+        The invariant, kept here for every batch: it ends answered or dead-lettered, whatever is raised. The
+        pipeline is tried again, then split to find the messages at fault (``_process``); should even that
+        fail, every message of the batch is dead-lettered ``processing_failed``. Publishing never raises
+        (the publisher retries until Kafka has everything; the watchdog stops a worker that cannot)."""
+        flight.state = "scoring"
+        try:
+            self._swap_in_pending_model()
+            outcome = await self._process(flight.records)
+        except Exception as exc:
+            log.exception("scoring a batch of %d messages failed beyond its isolation; dead-lettering each",
+                          len(flight.records))
+            outcome = BatchOutcome([], [self.letters.failed(message, exc) for message in flight.records], 0, 0, {})
+        flight.state = "publishing"
+        assert self.delivery is not None and self.delivery.publisher is not None
+        acked = await self.delivery.publisher.publish([*outcome.predictions, *outcome.dead_letters],
+                                                      self._undeliverable)
+        acked.add_done_callback(lambda done: _acknowledged(flight, done))
+        try:
+            self._count(flight, outcome)
+        except Exception:  # bookkeeping must never hold a batch up
+            log.exception("counting a batch failed")
+
+    def _swap_in_pending_model(self) -> None:
         if self.pending_model is not None:
             previous, self.pipeline.model, self.pending_model = self.pipeline.model, self.pending_model, None
             log.warning("%s: now serving v%s (sha256 %s…), was v%s", previous.name, self.pipeline.model.version,
                         self.pipeline.model.manifest.sha256[:12], previous.version)
             self.report_model()
-        outcome = await self._process(flight.records)
-        await self._publish(flight, [*outcome.predictions, *outcome.dead_letters])
+
+    def _count(self, flight: Flight, outcome: BatchOutcome) -> None:
         self.batches += 1
         self.answered += outcome.answered
         self.expired += outcome.expired
@@ -110,35 +128,6 @@ class ModelAgent:
             self._refused.add(stamp)
             log.error("%s: refusing v%s, still serving v%s: %s", current.name, newest, current.version, exc)
 
-    async def _publish(self, flight: Flight, messages: list[Outbound]) -> None:
-        """Queue the messages; the flight is acknowledged when Kafka has every one of them, and only then."""
-        acked = await self._queue(messages)
-        acked.add_done_callback(functools.partial(self._acknowledged, flight, messages))
-
-    def _acknowledged(self, flight: Flight, messages: list[Outbound], acked: asyncio.Future) -> None:
-        if acked.cancelled():  # the worker is stopping: the batch stays uncommitted and is read again
-            return
-        if acked.exception() is None:
-            _resolve(flight.acked)
-            return
-        log.error("publishing a batch of %d messages failed (%r); publishing it again", len(messages),
-                  acked.exception())
-        retry = asyncio.ensure_future(self._publish(flight, messages))
-        self._retries.add(retry)
-        retry.add_done_callback(self._retries.discard)
-
-    async def _queue(self, messages: list[Outbound]) -> asyncio.Future:
-        """Hand the messages to the producer; if even that fails (no metadata: the broker is away), wait and
-        try again: the batch is never dropped, and its offsets do not move until it is acknowledged."""
-        assert self.delivery is not None and self.delivery.publisher is not None
-        for attempt in itertools.count():
-            try:
-                return await self.delivery.publisher.publish(messages, self._undeliverable)
-            except Exception as exc:
-                log.warning("could not queue %d messages (%r); trying again", len(messages), exc)
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
-        raise AssertionError("unreachable")
-
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
         """Run the pipeline, trying again on failure; a batch that keeps failing is split to find the messages
         at fault: only those are dead-lettered (processing_failed), never lost nor retried forever while they
@@ -156,7 +145,7 @@ class ModelAgent:
     async def _isolate(self, batch: list[Inbound], failure: BaseException) -> BatchOutcome:
         """Halves tried once each, recursively, down to the single messages that fail on their own."""
         if len(batch) == 1:
-            return BatchOutcome([], [self._failed_letter(batch[0], failure)], 0, 0, {})
+            return BatchOutcome([], [self.letters.failed(batch[0], failure)], 0, 0, {})
         middle = len(batch) // 2
         outcomes = []
         for half in (batch[:middle], batch[middle:]):
@@ -169,32 +158,21 @@ class ModelAgent:
                             first.answered + second.answered, first.expired + second.expired,
                             second.timings_us or first.timings_us, first.failed + second.failed)
 
-    def _failed_letter(self, message: Inbound, exc: BaseException) -> Outbound:
-        headers = [
-            (HEADER_ERROR_KIND, b"processing_failed"),
-            (HEADER_ERROR_MESSAGE, f"{type(exc).__name__}: {exc}".encode()),
-            (HEADER_MODEL, self.pipeline.model.name.encode()),
-            (HEADER_SOURCE, f"{message.topic}/{message.partition}/{message.offset}".encode()),
-        ]
-        return Outbound(self.pipeline.dlq_topic, *bounded_letter(message.key, message.value, headers))
-
     def _undeliverable(self, message: Outbound, error: BaseException) -> Outbound | None:
         """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
-        missing, invalid or not writable): the prediction itself, the topic and the reason in the headers.
-        None for the worker's own topics: those are retried until an operator fixes them."""
-        topic, key, value = message[0], message[1], message[2]
-        if topic in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):
+        missing, invalid or not writable). None for the worker's own topics: those are retried until an
+        operator fixes them (and the watchdog restarts a worker that cannot get them out)."""
+        if message[0] in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):  # a plain tuple, often
             return None
-        headers = [
-            (HEADER_ERROR_KIND, UNDELIVERABLE.encode()),
-            (HEADER_ERROR_MESSAGE, f"Kafka refused the prediction on topic {topic!r}: {error!r}".encode()),
-            (HEADER_MODEL, self.pipeline.model.name.encode()),
-            (HEADER_DESTINATION, topic.encode()),
-            (HEADER_FAILED_MS, str(now_ms()).encode()),
-        ]
-        if key:
-            headers.append((HEADER_REQUEST_ID, key))
-        return Outbound(self.pipeline.dlq_topic, *bounded_letter(key, value, headers))
+        return self.letters.undeliverable(message, error)
+
+
+def _acknowledged(flight: Flight, published: asyncio.Future) -> None:
+    """A flight is acknowledged once Kafka has all its messages; a publication cancelled (the worker is
+    stopping) leaves it uncommitted, read again by the next owner of its partitions."""
+    if not published.cancelled() and published.exception() is None:
+        flight.state = "acknowledged"
+        _resolve(flight.acked)
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -202,9 +180,10 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.App, dict[str, ModelAgent]]:
+def create_app(settings: Settings, model_names: Sequence[str],
+               watchdog: Watchdog | None = None) -> tuple[faust.App, dict[str, ModelAgent]]:
     """Build the worker app: load the views and models, connect the feature store, declare one agent per model
-    and the batch delivery that feeds them."""
+    and the batch delivery that feeds them (watched by ``watchdog`` when given)."""
     views = load_views(settings.views_file)
     store = FeatureStore(settings, views)
     store.connect()
@@ -239,8 +218,8 @@ def create_app(settings: Settings, model_names: Sequence[str]) -> tuple[faust.Ap
         agents[name] = ModelAgent(pipeline, metrics)
         agents[name].report_model()
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
-    _declare_services(app, settings, store, agents, channels)
-    _declare_reporting(app, agents, store, metrics)
+    _declare_services(app, settings, store, agents, channels, watchdog)
+    _declare_reporting(app, agents, store, metrics, watchdog)
     if settings.worker.reload_interval_s > 0:
         @app.timer(interval=settings.worker.reload_interval_s)
         async def reload_models() -> None:
@@ -274,7 +253,10 @@ def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
 
     async def score(stream: Any) -> None:
         async for flight in stream:
-            await agent.handle(flight)
+            try:
+                await agent.handle(flight)
+            except Exception:  # handle() keeps the invariant; this only keeps the agent alive if it did not
+                log.exception("the %s agent failed on a batch (%s)", name, flight.describe())
 
     score.__name__ = f"score_{name.replace('-', '_')}"
     app.agent(channel, name=f"score-{name}", concurrency=1)(score)
@@ -282,13 +264,25 @@ def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
 
 
 def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, agents: dict[str, ModelAgent],
-                      channels: dict[str, Any]) -> None:
+                      channels: dict[str, Any], watchdog: Watchdog | None) -> None:
     @app.service
     class Delivery(BatchDelivery):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(settings, channels, **kwargs)
             for agent in agents.values():
                 agent.delivery = self
+            if watchdog is not None:
+                watchdog.progress = self
+
+        async def on_started(self) -> None:
+            await super().on_started()
+            if watchdog is not None:
+                watchdog.start(asyncio.get_running_loop())
+
+        async def on_stop(self) -> None:
+            await super().on_stop()
+            if watchdog is not None:
+                watchdog.stop()
 
     @app.on_before_shutdown.connect
     async def finish_batches(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -296,7 +290,7 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
         finish the batches in flight first, so a worker stopped with SIGTERM commits all it answered."""
         delivery = next(iter(agents.values())).delivery
         if delivery is not None:
-            await delivery.finish()
+            await delivery.finish(settings.worker.shutdown_timeout_s / 2)
 
     @app.service
     class FeatureStoreService(mode.Service):
@@ -307,7 +301,7 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
 
 
 def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent], store: FeatureStore,
-                       metrics: WorkerMetrics) -> None:
+                       metrics: WorkerMetrics, watchdog: Watchdog | None) -> None:
     started = time.monotonic()
 
     def live_values() -> dict[str, tuple[str, float]]:
@@ -338,6 +332,16 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent], store: Fea
             log.info("%s: %d answered (%d expired), %d dead-lettered, %d batches (%.0f requests each) in %.0f s; "
                      "last batch stage times (us): %s", name, agent.answered, agent.expired, agent.dead_lettered,
                      agent.batches, agent.requests_per_batch, time.monotonic() - started, agent.last_timings)
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        """200 while the worker makes progress; 503 with the reason once its watchdog found it cannot."""
+        delivery = next(iter(agents.values())).delivery
+        reason = watchdog.reason if watchdog is not None else None
+        if reason is None and (delivery is None or delivery.consumer is None):
+            reason = "starting: not consuming yet"
+        body = {"ready": reason is None, "reason": reason}
+        return web.json(body, status=200 if reason is None else 503)
 
     @app.page("/status")
     async def status(web: Any, request: Any) -> Any:
@@ -370,9 +374,45 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+class _BoundedWorker(faust.Worker):
+    """Faust's worker with a bound on shutdown: once a stop begins (SIGTERM, SIGINT, or the watchdog), the
+    process exits at ``shutdown_timeout_s`` whatever is still running; and a worker stopped by its watchdog
+    exits non-zero."""
+
+    def __init__(self, app: faust.App, watchdog: Watchdog, shutdown_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.watchdog = watchdog
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._deadline: threading.Timer | None = None
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        if self._deadline is None:
+            self._deadline = threading.Timer(self.shutdown_timeout_s, self._out_of_time)
+            self._deadline.daemon = True
+            self._deadline.start()
+        super()._schedule_shutdown(signal)
+
+    def stop_on_stall(self, reason: str) -> None:
+        self._schedule_shutdown(signal.SIGTERM)
+
+    def _out_of_time(self) -> None:
+        code = EXIT_STALLED if not self.watchdog.ready else EXIT_SHUTDOWN_TIMEOUT
+        hard_exit(code, f"shutdown still not finished after {self.shutdown_timeout_s:g} s "
+                        "(STREAMSCORE_WORKER__SHUTDOWN_TIMEOUT_S); batches not committed will be read again")
+
+
 def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "info") -> None:
-    """Run the worker in the foreground until SIGTERM/SIGINT."""
-    app, _ = create_app(settings, model_names)
+    """Run the worker in the foreground until SIGTERM/SIGINT, or until its watchdog finds it cannot make
+    progress (then it exits with code 70, so that its supervisor restarts it)."""
+    holder: list[_BoundedWorker] = []
+    watchdog = Watchdog(None, settings.worker.stall_timeout_s, lambda reason: holder[0].stop_on_stall(reason))
+    app, _ = create_app(settings, model_names, watchdog)
     _tune_gc()
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    worker = _BoundedWorker(app, watchdog, settings.worker.shutdown_timeout_s, loglevel=loglevel, quiet=True)
+    holder.append(worker)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if not watchdog.ready:
+            raise SystemExit(EXIT_STALLED) from None
+        raise
