@@ -1,5 +1,10 @@
 # The two commands of the README are `make demo` and `make test`; each bootstraps what it needs.
+# Every target runs from the repository root; tests/unit/test_makefile_targets.py dry-runs each one and runs
+# the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
+# `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`.
 .PHONY: bootstrap demo test lint stack-up stack-down bench-fastpath bench soak
+
+ARGS ?=
 
 bootstrap:
 	scripts/bootstrap
@@ -12,7 +17,7 @@ test:
 
 lint: bootstrap
 	.venv/bin/ruff check .
-	.venv/bin/mypy streamscore streams featurestore fastpath workers
+	.venv/bin/mypy streamscore streams featurestore fastpath workers deploy/local/streamscore_stack examples bench
 
 stack-up: bootstrap
 	.venv/bin/streamscore stack up
@@ -21,10 +26,10 @@ stack-down:
 	.venv/bin/streamscore stack down
 
 bench-fastpath: bootstrap
-	.venv/bin/python -m bench.fastpath_bench
+	.venv/bin/python -m streamscore_bench.fastpath_bench $(ARGS)
 
 bench: bootstrap
-	.venv/bin/streamscore bench
+	.venv/bin/streamscore bench $(ARGS)
 
 soak: bootstrap
 	.venv/bin/pytest -m soak tests/reliability -p no:cacheprovider

@@ -1,8 +1,9 @@
 """Micro-benchmark of the fast path: compiled vs its pure-Python twin vs a straightforward msgpack + numpy path.
 
-Run from the repository root, ``python -m bench.fastpath_bench`` or ``python bench/fastpath_bench.py``
-(``--quick`` for a seconds-long smoke run). Writes ``bench/results/fastpath.json`` and ``fastpath.md`` and prints
-the table: microseconds per request for decode+assemble and for encode, at batch sizes 1, 64 and 512.
+``python -m streamscore_bench.fastpath_bench`` (``make bench-fastpath``; ``--quick`` for a seconds-long smoke run,
+``--out DIR`` for another folder). Writes ``fastpath.json`` and ``fastpath.md`` into ``bench/results`` (relative to
+the current directory; ``make`` runs from the repository root) and prints the table: microseconds per request for
+decode+assemble and for encode, at batch sizes 1, 64 and 512.
 
 Request shape: 10 scalar request features, 2 entity keys, id / sent_ms / deadline_ms; the model input is those
 10 columns plus 6 features from each of 2 view blocks. Each timing is timeit-style: a loop long enough to be
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ from streamscore.fastpath._types import (
     ViewBlock,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("bench/results")
 BATCH_SIZES = (1, 64, 512)
 FEATURE_NAMES = tuple(f"f{index}" for index in range(10))
 ENTITY_KEYS = ("card_id", "merchant_id")
@@ -199,9 +201,15 @@ def run_size(count: int, repeats: int, min_seconds: float) -> list[dict[str, Any
 # ------------------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    import Cython
+def _version(distribution: str) -> str:
+    """The installed version of ``distribution``, without importing it (Cython is only a build dependency)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def machine_info() -> dict[str, Any]:
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):  # not Linux: keep platform's guess
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -210,7 +218,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
         "python": sys.version.split()[0], "numpy": np.__version__, "msgpack": msgpack.version,
-        "cython": Cython.__version__, "compiled_module": _fast.__file__,
+        "cython": _version("Cython"), "compiled_module": _fast.__file__,
     }
 
 

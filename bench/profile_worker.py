@@ -2,9 +2,10 @@
 
 Preloads a backlog of demo requests into a fresh topic prefix, starts `streamscore worker` under py-spy, lets
 it drain the backlog, and classifies every stack sample by the innermost pipeline stage it is in. Writes
-``bench/results/profile_<label>.json`` and a short table. Run from the checkout:
+``bench/results/profile_<label>.json`` (relative to the current directory) and a short table. Needs py-spy
+(``pip install py-spy``). Run from the repository root:
 
-    .venv/bin/python bench/profile_worker.py --label after --requests 100000
+    .venv/bin/python -m streamscore_bench.profile_worker --label after --requests 100000
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path("bench/results")
 
 # Innermost match wins: a stack is charged to the deepest frame that names a stage.
 STAGES = [
@@ -51,10 +51,10 @@ def classify(stack: str) -> str:
 
 
 async def preload(env: dict[str, str], count: int) -> None:
-    from streamscore.demo.requests import demo_requests
     from streamscore.settings import Settings
     from streamscore.streams import topics
     from streamscore.streams.client import Client, ensure_topics
+    from streamscore_examples.fraud.requests import demo_requests
 
     saved = dict(os.environ)
     os.environ.update(env)

@@ -1,8 +1,16 @@
-"""The ``streamscore`` command line: the local stack, the worker, producing, subscribing, features, the demo."""
+"""The ``streamscore`` command line: the local stack, the worker, producing, subscribing, features, the demo.
+
+The worker, produce, subscribe and features commands are the core. ``stack``, ``demo`` and ``bench`` run parts
+that live outside the root package, imported only when the command runs: the local-stack tooling of a checkout
+(``deploy/local/streamscore_stack``), the fraud example (``examples/``, extra ``[demo]``) and the benchmarks
+(``bench/``, extra ``[bench]``). Where one is missing, the command says in one line what to install.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -26,6 +34,34 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# --- the parts outside the core -------------------------------------------------------------------------------
+
+DEMO_NEEDS = ("sklearn", "skl2onnx", "onnx", "hdrh")
+"""Modules of the ``[demo]`` extra: the model is trained with scikit-learn and exported with skl2onnx."""
+BENCH_NEEDS = (*DEMO_NEEDS, "matplotlib")
+"""Modules of the ``[bench]`` extra (which includes ``[demo]``: the bench scores the demo's model)."""
+
+
+def _optional(module: str, command: str, extra: str | None, needs: tuple[str, ...] = ()) -> Any:
+    """``module``, imported; or, where it or one of ``needs`` is not installed, a one-line error naming what to
+    install (``extra``) or, for the stack tooling (``extra`` None), where to run the command instead."""
+    missing = [name for name in (module.split(".")[0], *needs) if importlib.util.find_spec(name) is None]
+    if not missing:
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            missing = [exc.name or str(exc)]
+    what = ", ".join(missing)
+    if extra is None:
+        raise click.ClickException(
+            f"`streamscore {command}` is the local-stack tooling of a streamscore checkout (deploy/local/), which "
+            f"this installation does not have (no module {what}): run it in a clone of the repository, after "
+            "`scripts/bootstrap` (or `pip install -e '.[dev]'`)")
+    raise click.ClickException(
+        f"`streamscore {command}` needs the [{extra}] extra (not installed: {what}): pip install "
+        f"'streamscore[{extra}]' (in a checkout: .venv/bin/pip install -e '.[{extra}]')")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """streamscore: Kafka in, features from Cassandra through Redis, ONNX Runtime, predictions out."""
@@ -35,13 +71,7 @@ def main() -> None:
 
 @main.group()
 def stack() -> None:
-    """The local stack: real Kafka, Cassandra and Redis on 127.0.0.1."""
-
-
-def _stack() -> Any:
-    from streamscore.stack import Stack
-
-    return Stack(_settings().stack, echo=click.echo)
+    """The local stack of a checkout (deploy/local/): real Kafka, Cassandra and Redis on 127.0.0.1."""
 
 
 def _print_status(statuses: list[Any]) -> None:
@@ -52,12 +82,11 @@ def _print_status(statuses: list[Any]) -> None:
                    + (f"  ({server.detail})" if server.detail else ""))
 
 
-def _stack_call(action: str) -> Any:
-    from streamscore.stack import StackError
-
+def _stack_call(action: str, *args: Any) -> Any:
+    stack_module = _optional("streamscore_stack", f"stack {action}", None)
     try:
-        return getattr(_stack(), action)()
-    except StackError as exc:
+        return getattr(stack_module.Stack(_settings().stack, echo=click.echo), action)(*args)
+    except stack_module.StackError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -86,9 +115,7 @@ def stack_status() -> None:
 @click.option("--lines", "-n", default=40, show_default=True, help="Lines of each log.")
 def stack_logs(lines: int) -> None:
     """The tail of each server's log."""
-    from streamscore.stack import Stack
-
-    for name, text in Stack(_settings().stack, echo=click.echo).logs(lines).items():
+    for name, text in _stack_call("logs", lines).items():
         click.echo(click.style(f"==> {name} <==", bold=True))
         click.echo(text)
 
@@ -133,9 +160,8 @@ def produce(model: str, source: TextIO, generate: int | None, rate: float | None
     """Produce requests: JSON lines in, or a generator at a target rate, with a progress bar."""
     settings = _settings()
     if generate is not None:
-        from streamscore.demo.requests import demo_requests
-
-        requests: Any = demo_requests(generate, seed)
+        demo = _optional("streamscore_examples.fraud.requests", "produce --generate", "demo")
+        requests: Any = demo.demo_requests(generate, seed)
         total: int | None = generate
     else:
         requests, total = _json_lines(source), None
@@ -240,13 +266,12 @@ def features_get(view: str, entities: tuple[str, ...]) -> None:
               help="Offered requests per second; 0 sends as fast as possible (latency then measures the backlog).")
 def demo(count: int, rate: float) -> None:
     """Card-fraud scoring end to end: stack, features, model, worker, 20k requests, checked offline."""
-    from streamscore.demo.run import DemoFailed, run_demo
-
+    example = _optional("streamscore_examples.fraud.run", "demo", "demo", DEMO_NEEDS)
     settings = _settings()
     _setup_logging("WARNING")
     try:
-        run_demo(settings, count, rate or None, echo=click.echo)
-    except DemoFailed as exc:
+        example.run_demo(settings, count, rate or None, echo=click.echo)
+    except example.DemoFailed as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -263,14 +288,12 @@ def demo(count: int, rate: float) -> None:
               help="Length of each latency run (default 20; smoke 3).")
 def bench(smoke: bool, out_dir: Path, count: int | None, seconds: float | None) -> None:
     """End-to-end benchmark on the local stack: raw aiokafka vs per-event Faust vs the streamscore worker."""
-    from streamscore.bench import BenchFailed
-    from streamscore.bench.harness import make_plan, run_bench
-
+    harness = _optional("streamscore_bench.harness", "bench", "bench", BENCH_NEEDS)
     settings = _settings()
     _setup_logging("WARNING")
     try:
-        results = run_bench(settings, make_plan(smoke, count, seconds), out_dir, echo=click.echo)
-    except BenchFailed as exc:
+        results = harness.run_bench(settings, harness.make_plan(smoke, count, seconds), out_dir, echo=click.echo)
+    except harness.BenchFailed as exc:
         raise click.ClickException(str(exc)) from exc
     for target in results["targets"].values():
         value = "-" if target["value"] is None else f"{target['value']:.2f}"

@@ -3,6 +3,10 @@
 Every field can be set with an environment variable: ``STREAMSCORE_<FIELD>`` for top-level fields and
 ``STREAMSCORE_<SECTION>__<FIELD>`` for nested ones, e.g. ``STREAMSCORE_KAFKA__BOOTSTRAP=10.0.0.5:9092``.
 Unknown keys are rejected so a typo fails loudly instead of being ignored.
+
+No default points into the checkout the package was installed from: file defaults are relative to the current
+directory (the Makefile and scripts run from the repository root), and the local stack's folders default to
+``None``, which the stack tooling (``deploy/local/streamscore_stack``) resolves inside its own checkout.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Strict(BaseModel):
@@ -86,10 +88,11 @@ class RedisSettings(_Strict):
 
 
 class StackSettings(_Strict):
-    dir: Path = PROJECT_ROOT / ".stack"
-    """Where the local stack keeps data, logs and pids."""
-    cache_dir: Path = PROJECT_ROOT / ".cache"
-    """Where resolved Maven jars are cached between runs."""
+    dir: Path | None = None
+    """Where the local stack keeps data, logs and pids; None: ``.stack/`` at the root of the checkout the stack
+    tooling runs from (the same folder from any current directory)."""
+    cache_dir: Path | None = None
+    """Where resolved Maven jars are cached between runs; None: ``.cache/`` at the root of that checkout."""
     kafka_port: int = 9092
     """Kafka broker port on 127.0.0.1."""
     kafka_controller_port: int = 9093
@@ -147,19 +150,30 @@ class Settings(BaseSettings):
 
     topic_prefix: str = "streamscore"
     """Prefix of every topic: <prefix>.<model>.requests|predictions|dlq."""
-    models_dir: Path = PROJECT_ROOT / "demo-data" / "models"
-    """Model library: one folder per model, one sub-folder per version."""
-    views_file: Path = PROJECT_ROOT / "demo-data" / "views.json"
-    """Feature view declarations (JSON)."""
-    data_dir: Path = PROJECT_ROOT / "demo-data"
-    """Where the demo writes its generated data and model."""
+    models_dir: Path = Path("demo-data/models")
+    """Model library: one folder per model, one sub-folder per version (relative: to the current directory)."""
+    views_file: Path = Path("demo-data/views.json")
+    """Feature view declarations (JSON; relative: to the current directory)."""
+    data_dir: Path = Path("demo-data")
+    """Where the demo writes its generated data and model (relative: to the current directory)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the CLI and the worker."""
+    online_store: Literal["cassandra", "memory"] = "cassandra"
+    """Where feature rows live (``featurestore.backends.ONLINE_STORES``): ``cassandra`` (the ``cassandra``
+    section), or ``memory``, rows kept in this process only (tests, notebooks; a worker sees only its own writes)."""
+    cache: Literal["redis", "none"] = "redis"
+    """Cache tier in front of the online store (``featurestore.backends.CACHES``): ``redis`` (the ``redis``
+    section), or ``none``: every read goes to the online store and writes need no Redis."""
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    """Kafka brokers and client security (``STREAMSCORE_KAFKA__*``)."""
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
+    """The Cassandra online feature store (``STREAMSCORE_CASSANDRA__*``)."""
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    """The Redis feature cache (``STREAMSCORE_REDIS__*``)."""
     stack: StackSettings = Field(default_factory=StackSettings)
+    """The local stack of a checkout (``STREAMSCORE_STACK__*``), used by ``streamscore stack``."""
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    """The inference worker (``STREAMSCORE_WORKER__*``)."""
 
 
 @lru_cache(maxsize=1)

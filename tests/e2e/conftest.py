@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamscore.demo.data import generate_feature_rows, write_views
-from streamscore.demo.model import build_and_register
-from streamscore.demo.run import stop_process
 from streamscore.settings import Settings
-from streamscore.stack import Stack, StackError
+from streamscore_examples.fraud.data import generate_feature_rows, write_views
+from streamscore_examples.fraud.model import build_and_register
+from streamscore_examples.fraud.run import stop_process
+from streamscore_stack import Stack, StackError
 
 HERE = Path(__file__).parent
 MODEL = "fraud"
@@ -141,8 +141,8 @@ def request(request_id: str, card: str, merchant: str, amount: float = 42.0, **e
 
 def offline_score(deployment: Deployment, card: str, merchant: str, amount: float = 42.0,
                   rows: dict | None = None) -> float:
-    from streamscore.demo.data import feature_matrix
-    from streamscore.demo.model import offline_scores
+    from streamscore_examples.fraud.data import feature_matrix
+    from streamscore_examples.fraud.model import offline_scores
 
     transaction = {"card_id": card, "merchant_id": merchant, "amount": amount, "hour": 13.0, "is_foreign": 0.0}
     matrix = feature_matrix([transaction], rows if rows is not None else deployment.rows)
@@ -150,8 +150,8 @@ def offline_score(deployment: Deployment, card: str, merchant: str, amount: floa
 
 
 def offline_scores_of(deployment: Deployment, requests: list[dict[str, Any]]) -> np.ndarray:
-    from streamscore.demo.data import feature_matrix
-    from streamscore.demo.model import offline_scores
+    from streamscore_examples.fraud.data import feature_matrix
+    from streamscore_examples.fraud.model import offline_scores
 
     transactions = [{**r["entities"], **r["features"]} for r in requests]
     return offline_scores(deployment.pipeline, feature_matrix(transactions, deployment.rows))

@@ -16,7 +16,7 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, S
 from cassandra.policies import WhiteListRoundRobinPolicy
 
 from streamscore.settings import get_settings
-from streamscore.stack import HOST, ServerStatus, Stack, StackError
+from streamscore_stack import HOST, ServerStatus, Stack, StackError
 
 HERE = Path(__file__).parent
 

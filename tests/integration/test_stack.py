@@ -9,7 +9,7 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cassandra.cluster import Session
 
-from streamscore.stack import Stack
+from streamscore_stack import Stack
 
 
 def _unique(prefix: str) -> str:

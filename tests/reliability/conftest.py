@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
-from streamscore.settings import PROJECT_ROOT
-from streamscore.stack import Stack, StackError
+from streamscore_stack import Stack, StackError
 
 from .harness import SHARED, Endpoints, Library, PrivateStack, Scenario, Tally, build_library, fill_store, write_report
 
 HERE = Path(__file__).parent
-RESULTS = PROJECT_ROOT / "bench" / "results"
+RESULTS = HERE.parents[1] / "bench" / "results"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

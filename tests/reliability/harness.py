@@ -44,8 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from streamscore.settings import PROJECT_ROOT, Settings, StackSettings
-from streamscore.stack import Stack
+from streamscore.settings import Settings, StackSettings
 from streamscore.streams import topics
 from streamscore.streams.client import Client, PredictTimeout, partitions_of
 from streamscore.streams.kafka import client_kwargs
@@ -57,7 +56,9 @@ from streamscore.streams.wire import (
     HEADER_REQUEST_ID,
     headers_dict,
 )
+from streamscore_stack import Stack
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fraud"
 HOST = "127.0.0.1"
 PARTITIONS = 4
@@ -94,7 +95,7 @@ class Endpoints:
 
 
 PRIVATE_STACK = StackSettings(
-    dir=PROJECT_ROOT / ".stack-soak", kafka_port=19092, kafka_controller_port=19093, cassandra_port=19042,
+    dir=REPO_ROOT / ".stack-soak", kafka_port=19092, kafka_controller_port=19093, cassandra_port=19042,
     cassandra_storage_port=17000, redis_port=16379,
 )
 """The private stack the scenarios that stop servers use; the shared one in ``.stack/`` is never stopped."""
@@ -146,8 +147,8 @@ class Library:
 
 def build_library(data_dir: Path) -> Library:
     """Views, 300 cards and 40 merchants, and a small trained fraud model (seconds, not minutes)."""
-    from streamscore.demo.data import generate_feature_rows, write_views
-    from streamscore.demo.model import build_and_register
+    from streamscore_examples.fraud.data import generate_feature_rows, write_views
+    from streamscore_examples.fraud.model import build_and_register
 
     write_views(data_dir / "views.json")
     build_and_register(data_dir / "models", seed=5, n_train=4000, max_iter=60)
@@ -260,7 +261,7 @@ class WorkerProcess:
         command = [sys.executable, "-m", "streamscore", "worker", "--model", MODEL]
         if self.faulty:
             command = [sys.executable, "-m", "tests.reliability.faulty_worker", "--model", MODEL]
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {self.starts + 1} at {time.strftime('%H:%M:%S')} =====\n".encode())
             self.process = subprocess.Popen(command, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)

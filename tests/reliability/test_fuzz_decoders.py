@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from streamscore.settings import PROJECT_ROOT
-
 from .harness import Tally
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def fuzz(seconds: float, out: Path) -> str:
     if importlib.util.find_spec("streamscore.fastpath._fast") is None:
         pytest.skip("the compiled fast path is not built")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "tests.reliability.fuzz_decoders", "--seconds", str(seconds),
-                          "--out", str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          "--out", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=seconds + 120)
     if run.returncode == 0:
         return run.stdout + run.stderr

@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from streamscore.settings import PROJECT_ROOT, CassandraSettings, KafkaSettings, RedisSettings, Settings
+from streamscore.settings import CassandraSettings, KafkaSettings, RedisSettings, Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SECRET = "Tr0ub4dor-and-3"
-PACKAGE_DIRS = ["streamscore", "streams", "featurestore", "fastpath", "workers"]
+PACKAGE_DIRS = ["streamscore", "streams", "featurestore", "fastpath", "workers", "deploy/local/streamscore_stack",
+                "examples", "bench"]
 
 
 def ca_file() -> Path:
@@ -187,7 +190,7 @@ UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
 
 
 def python_sources() -> list[Path]:
-    return [path for folder in PACKAGE_DIRS for path in (PROJECT_ROOT / folder).rglob("*.py")]
+    return [path for folder in PACKAGE_DIRS for path in (REPO_ROOT / folder).rglob("*.py")]
 
 
 def unsafe_uses(path: Path) -> list[str]:
@@ -206,7 +209,7 @@ def unsafe_uses(path: Path) -> list[str]:
                 found.append(f"{_module_of(node.func)}.{name}()")
             if any(keyword.arg == "allow_pickle" and _is_true(keyword.value) for keyword in node.keywords):
                 found.append("allow_pickle=True")
-    return [f"{path.relative_to(PROJECT_ROOT)}: {what}" for what in found]
+    return [f"{path.relative_to(REPO_ROOT)}: {what}" for what in found]
 
 
 def _module_of(func: ast.expr) -> str:
@@ -227,7 +230,7 @@ def test_nothing_in_the_package_unpickles_or_evaluates() -> None:
 
 
 def test_the_compiled_fast_path_neither() -> None:
-    for pyx in (PROJECT_ROOT / "fastpath").glob("*.pyx"):
+    for pyx in (REPO_ROOT / "fastpath").glob("*.pyx"):
         text = pyx.read_text()
         for word in ("pickle", "eval(", "exec(", "marshal", "PyRun_"):
             assert word not in text, f"{pyx.name} mentions {word}"
@@ -236,7 +239,7 @@ def test_the_compiled_fast_path_neither() -> None:
 def test_message_values_reach_the_worker_raw_and_msgpack_builds_no_objects() -> None:
     """Faust is told to hand over raw bytes (its default serializer for an untyped topic could be pickle-like
     codecs by configuration), and msgpack is never given hooks that turn data into objects."""
-    app_source = (PROJECT_ROOT / "workers" / "app.py").read_text()
+    app_source = (REPO_ROOT / "workers" / "app.py").read_text()
     assert 'key_serializer="raw"' in app_source and 'value_serializer="raw"' in app_source
     for path in python_sources():
         text = path.read_text()

@@ -11,11 +11,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from streamscore.bench import loadgen
-from streamscore.bench.harness import _latency_entry, make_plan
-from streamscore.bench.processes import machine_cpu_s, process_cpu_s
-from streamscore.bench.report import evaluate_targets, write_report
-from streamscore.bench.workload import COLD_EVERY, ColdIds, Workload, cold_count, partition_of, request_index
+from streamscore_bench import loadgen
+from streamscore_bench.harness import _latency_entry, make_plan
+from streamscore_bench.processes import machine_cpu_s, process_cpu_s
+from streamscore_bench.report import evaluate_targets, write_report
+from streamscore_bench.workload import COLD_EVERY, ColdIds, Workload, cold_count, partition_of, request_index
 
 
 @pytest.fixture(scope="module")

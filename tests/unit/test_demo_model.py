@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from streamscore.demo import data
-from streamscore.demo.model import build_and_register, export_onnx, offline_scores, train
 from streamscore.workers.library import Manifest, ModelError, read_manifest, verified_artifact
+from streamscore_examples.fraud import data
+from streamscore_examples.fraud.model import build_and_register, export_onnx, offline_scores, train
 
 SEED = 11
 N_TRAIN = 8_000

@@ -1,7 +1,7 @@
 """Latency measurement processes: an open-loop producer and a subscriber, each its own process.
 
-    python -m streamscore.bench.loadgen open-loop --topic T --phase P --rate R --seconds S --out DIR ...
-    python -m streamscore.bench.loadgen subscribe --topic T --phase P --expect N --out DIR ...
+    python -m streamscore_bench.loadgen open-loop --topic T --phase P --rate R --seconds S --out DIR ...
+    python -m streamscore_bench.loadgen subscribe --topic T --phase P --expect N --out DIR ...
 
 The producer is open-loop: it paces by the wall clock (request ``i`` is due at ``i / rate`` seconds), sends
 whatever is due as producer batches without waiting for acknowledgements, and never slows down because
@@ -108,7 +108,7 @@ async def subscribe(settings: Settings, topic: str, phase: str, expect: int, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m streamscore.bench.loadgen", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m streamscore_bench.loadgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     producer = commands.add_parser("open-loop", help="send requests at a fixed rate")

@@ -46,7 +46,7 @@ Echo = Callable[[str], None]
 
 
 def run_demo(settings: Settings, count: int, rate: float | None, echo: Echo = print) -> dict[str, Any]:
-    from streamscore.stack import Stack, StackError
+    from streamscore_stack import Stack, StackError
 
     started = time.monotonic()
     echo("== 1/6 local stack")

@@ -1,9 +1,14 @@
 """The local stack: real Apache Kafka (KRaft), Apache Cassandra and Redis on 127.0.0.1.
 
-Kafka and Cassandra run from their Maven Central jars (resolved once by ``deploy/local/pom.xml`` into
-``StackSettings.cache_dir``), Redis from the Debian ``redis-server`` package. Configs are rendered from the
-templates in ``deploy/local/`` into ``<stack dir>/conf``; data, logs and pid files live under the stack dir
+Kafka and Cassandra run from their Maven Central jars (resolved once by ``deploy/local/pom.xml`` into the jar
+cache, ``StackSettings.cache_dir``), Redis from the Debian ``redis-server`` package. Configs are rendered from
+the templates in ``deploy/local/`` into ``<stack dir>/conf``; data, logs and pid files live under the stack dir
 too, so deleting that folder resets everything.
+
+This package is checkout tooling: it lives in ``deploy/local/streamscore_stack/`` and finds its Maven project
+and templates next to itself, and the stack dir and jar cache default to ``.stack/`` and ``.cache/`` at the root
+of that checkout (whatever the current directory). Installed anywhere else, :class:`Stack` refuses with a
+:class:`StackError` that says so.
 
 Servers are started in their own sessions so they outlive the CLI that started them; the pid files are the
 only record of what this module owns, and nothing else is ever signalled.
@@ -34,10 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamscore.settings import PROJECT_ROOT, StackSettings, get_settings
+from streamscore.settings import StackSettings, get_settings
 
 HOST = "127.0.0.1"
-DEPLOY_DIR = PROJECT_ROOT / "deploy" / "local"
+DEPLOY_DIR = Path(__file__).resolve().parents[1]
+"""``deploy/local/``: the Maven project and config templates, found next to this package."""
+CHECKOUT = DEPLOY_DIR.parents[1]
+"""The checkout this package runs from; the default stack dir and jar cache are at its root."""
 KAFKA_MAX_HEAP_MB = 1024
 CASSANDRA_MAX_HEAP_MB = 1536
 STOP_GRACE_S = 60.0
@@ -48,6 +56,10 @@ FAILURE_LOG_LINES = 40
 JAVA_HINT = "Java 17 not found: install it with `apt-get install -y openjdk-17-jre-headless`"
 MAVEN_HINT = "Maven not found (needed once, to fetch the Kafka and Cassandra jars): `apt-get install -y maven`"
 REDIS_HINT = "redis-server not found: install it with `apt-get install -y redis-server`"
+CHECKOUT_HINT = (
+    "the local stack runs from a streamscore checkout, and {deploy} (its Maven project and config templates) "
+    "is not there: clone the repository and run `make stack-up` (or `.venv/bin/streamscore stack ...`) in it"
+)
 
 # From Cassandra's conf/jvm17-server.options: the JDK internals Cassandra 5.0 reaches into on Java 17.
 CASSANDRA_JPMS_FLAGS = [
@@ -285,12 +297,9 @@ def _run_coroutine(make_coroutine: Callable[[], Coroutine[Any, Any, Any]]) -> An
 @dataclass(frozen=True)
 class _Context:
     settings: StackSettings
+    stack_dir: Path
     tools: _Tools | None
     jars: _JarCache
-
-    @property
-    def stack_dir(self) -> Path:
-        return self.settings.dir.resolve()
 
 
 class _Server(ABC):
@@ -625,10 +634,12 @@ class Stack:
     """Start, stop and inspect the local Kafka, Cassandra and Redis."""
 
     def __init__(self, settings: StackSettings | None = None, echo: Callable[[str], None] = print) -> None:
+        if not (DEPLOY_DIR / "pom.xml").is_file():
+            raise StackError(CHECKOUT_HINT.format(deploy=DEPLOY_DIR))
         self.settings = settings or get_settings().stack
         self.echo = echo
-        self.dir = self.settings.dir.resolve()
-        self.jars = _JarCache(self.settings.cache_dir.resolve())
+        self.dir = (self.settings.dir or CHECKOUT / ".stack").resolve()
+        self.jars = _JarCache((self.settings.cache_dir or CHECKOUT / ".cache").resolve())
         self._tools: _Tools | None = None
 
     # -- public API
@@ -694,7 +705,7 @@ class Stack:
                 self.echo(f"{name}: heap capped at {cap_mb} MB (STREAMSCORE_STACK__{field}={asked_mb} is above it)")
 
     def _servers(self) -> list[_Server]:
-        context = _Context(settings=self.settings, tools=self._tools, jars=self.jars)
+        context = _Context(settings=self.settings, stack_dir=self.dir, tools=self._tools, jars=self.jars)
         return [_Kafka(context), _Cassandra(context), _Redis(context)]
 
     def _stopped_servers(self, servers: list[_Server]) -> list[_Server]:

@@ -1,4 +1,11 @@
-"""``streamscore bench``: the end-to-end benchmark against the real local stack, peers in the same run.
+"""The benchmarks, all in one place (``bench/``, import package ``streamscore_bench``, extra ``[bench]``).
+
+- ``fastpath_bench``: the fast path's micro-benchmark (``make bench-fastpath``; ``--quick`` for seconds);
+- ``profile_worker``: a worker under py-spy, CPU share per pipeline stage;
+- the rest: ``streamscore bench`` (``make bench``), described below. Results go to ``bench/results/``
+  (relative to the current directory) unless ``--out`` says otherwise.
+
+``streamscore bench``: the end-to-end benchmark against the real local stack, peers in the same run.
 
 Variants, each in its own subprocess(es) with its own topic prefix (fresh topics, 4 partitions), so none sees
 another's messages or cache entries:

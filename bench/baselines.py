@@ -1,7 +1,7 @@
 """The benchmark's two peers of the streamscore worker, each run as its own process:
 
-    python -m streamscore.bench.baselines raw-passthrough --model fraud
-    python -m streamscore.bench.baselines faust-per-event --model fraud
+    python -m streamscore_bench.baselines raw-passthrough --model fraud
+    python -m streamscore_bench.baselines faust-per-event --model fraud
 
 Both read the usual ``STREAMSCORE_*`` settings (topic prefix, Kafka, Cassandra keyspace, Redis, models dir,
 views file), consume ``<prefix>.<model>.requests`` and publish one prediction per request, keyed by the
@@ -182,7 +182,7 @@ def faust_per_event(settings: Settings, model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m streamscore.bench.baselines", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m streamscore_bench.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["raw-passthrough", "faust-per-event"])
     parser.add_argument("--model", default="fraud")

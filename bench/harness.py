@@ -37,12 +37,12 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
-from streamscore.demo.data import write_views
-from streamscore.demo.model import build_and_register
 from streamscore.featurestore.views import load_views
 from streamscore.settings import Settings
 from streamscore.streams import topics
 from streamscore.streams.client import ensure_topics
+from streamscore_examples.fraud.data import write_views
+from streamscore_examples.fraud.model import build_and_register
 
 from . import BenchFailed, loadgen
 from .measure import DrainResult, PredictionTopic, check_alive, summarize, wait_drained, wait_for_leaders, wait_ready
@@ -312,7 +312,7 @@ class Bench:
         if variant.features:
             await self.rows.ensure_cold(variant.cold.next)
         subscriber = processes.start(f"subscriber-{folder.name}", python_module(
-            "streamscore.bench.loadgen", "subscribe", "--topic", variant.predictions_topic, "--phase", phase,
+            "streamscore_bench.loadgen", "subscribe", "--topic", variant.predictions_topic, "--phase", phase,
             "--out", str(folder), "--expect", str(requests), "--timeout", str(self.plan.seconds * 4 + 120)),
             variant.env)
         try:
@@ -333,7 +333,7 @@ class Bench:
                      folder: Path, phase: str, rate: float, batch_size: int, cold_base: int) -> None:
         """Run the open-loop producer, then wait until the subscriber has every prediction (or gives up)."""
         producer = processes.start(f"producer-{folder.name}", python_module(
-            "streamscore.bench.loadgen", "open-loop", "--topic", variant.requests_topic, "--phase", phase,
+            "streamscore_bench.loadgen", "open-loop", "--topic", variant.requests_topic, "--phase", phase,
             "--out", str(folder), "--rate", f"{rate:.3f}", "--seconds", str(self.plan.seconds),
             "--batch-size", str(batch_size), "--cold-base", str(cold_base),
             "--partitions", str(self.plan.partitions), "--pool-size", str(self.plan.pool_size)), variant.env)
@@ -351,8 +351,8 @@ class Bench:
         plan = self.plan
         self.processes = processes
         worker = python_module("streamscore", "worker", "--model", MODEL)
-        raw_argv = python_module("streamscore.bench.baselines", "raw-passthrough", "--model", MODEL)
-        faust_argv = python_module("streamscore.bench.baselines", "faust-per-event", "--model", MODEL)
+        raw_argv = python_module("streamscore_bench.baselines", "raw-passthrough", "--model", MODEL)
+        faust_argv = python_module("streamscore_bench.baselines", "faust-per-event", "--model", MODEL)
 
         self.echo(f"== 2/6 a. raw aiokafka passthrough ({plan.requests} requests; then in messages of "
                   f"{plan.batch_size})")
@@ -545,7 +545,7 @@ def code_version() -> str:
     run from) has changes not in that commit."""
     from streamscore import __version__
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parent  # in a checkout, git finds the repository from here
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                                 cwd=root, timeout=10, check=True).stdout.strip()
@@ -580,7 +580,7 @@ def machine_info(stack: Sequence[Any]) -> dict[str, Any]:
 
 def run_bench(settings: Settings, plan: Plan, out_dir: Path, echo: Echo = print) -> dict[str, Any]:
     """Run the benchmark against the local stack and write e2e.json, e2e.md and e2e.png into ``out_dir``."""
-    from streamscore.stack import Stack, StackError
+    from streamscore_stack import Stack, StackError
 
     from .report import write_report
 

@@ -114,7 +114,7 @@ def _manifest(n_train: int, auc: float) -> dict[str, Any]:
                               "(card_stats) and merchant (merchant_stats) aggregates from the feature store",
             "result_kind": "probability that the transaction is fraudulent (0..1), and the 0/1 label at 0.5",
             "summary": f"StandardScaler + MLP (32, 16) trained on {n_train} synthetic transactions "
-                       f"(streamscore.demo.data, ~3% fraud); held-out ROC AUC {auc:.3f} on {N_HOLDOUT}. "
+                       f"(streamscore_examples.fraud.data, ~3% fraud); held-out ROC AUC {auc:.3f} on {N_HOLDOUT}. "
                        "Demo model on synthetic data: not for real payments.",
         },
     }

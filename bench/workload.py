@@ -27,12 +27,18 @@ from typing import Any
 import msgpack
 from aiokafka import AIOKafkaProducer
 
-from streamscore.demo.data import CARD_VIEW, MERCHANT_VIEW, FeatureRows, generate_feature_rows, generate_transactions
-from streamscore.demo.requests import FEATURE_SEED, as_request
 from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import FeatureView
 from streamscore.settings import Settings
 from streamscore.streams.kafka import client_kwargs
+from streamscore_examples.fraud.data import (
+    CARD_VIEW,
+    MERCHANT_VIEW,
+    FeatureRows,
+    generate_feature_rows,
+    generate_transactions,
+)
+from streamscore_examples.fraud.requests import FEATURE_SEED, as_request
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,9 @@
+"""The local stack of a streamscore checkout: real Kafka, Cassandra and Redis on 127.0.0.1 (``streamscore stack``).
+
+Checkout tooling, not part of the worker: it lives in ``deploy/local/`` beside the Maven project and config
+templates it runs from (see ``stack.py``).
+"""
+
+from .stack import CHECKOUT, DEPLOY_DIR, HOST, ServerStatus, Stack, StackError
+
+__all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "ServerStatus", "Stack", "StackError"]

@@ -1,1 +1,0 @@
-"""The card-transaction fraud-scoring demo: seeded synthetic data (``data``) and its model (``model``)."""
