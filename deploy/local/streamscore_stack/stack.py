@@ -57,8 +57,9 @@ JAVA_HINT = "Java 17 not found: install it with `apt-get install -y openjdk-17-j
 MAVEN_HINT = "Maven not found (needed once, to fetch the Kafka and Cassandra jars): `apt-get install -y maven`"
 REDIS_HINT = "redis-server not found: install it with `apt-get install -y redis-server`"
 CHECKOUT_HINT = (
-    "the local stack runs from a streamscore checkout, and {deploy} (its Maven project and config templates) "
-    "is not there: clone the repository and run `make stack-up` (or `.venv/bin/streamscore stack ...`) in it"
+    "the local stack runs from a streamscore checkout, and this copy of its manager ({package}) is not in one "
+    "(no deploy/local/pom.xml beside it): clone the repository and run `make stack-up` (or "
+    "`.venv/bin/streamscore stack ...`) there"
 )
 
 # From Cassandra's conf/jvm17-server.options: the JDK internals Cassandra 5.0 reaches into on Java 17.
@@ -635,7 +636,7 @@ class Stack:
 
     def __init__(self, settings: StackSettings | None = None, echo: Callable[[str], None] = print) -> None:
         if not (DEPLOY_DIR / "pom.xml").is_file():
-            raise StackError(CHECKOUT_HINT.format(deploy=DEPLOY_DIR))
+            raise StackError(CHECKOUT_HINT.format(package=Path(__file__).resolve().parent))
         self.settings = settings or get_settings().stack
         self.echo = echo
         self.dir = (self.settings.dir or CHECKOUT / ".stack").resolve()
