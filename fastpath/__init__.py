@@ -39,16 +39,22 @@ def parse_flag(name: str, raw: str | None) -> bool:
 
 PUREPYTHON = parse_flag("STREAMSCORE_PUREPYTHON", os.environ.get("STREAMSCORE_PUREPYTHON"))
 
+impl: FastPath
+"""The module in use. Typed as the protocol before either twin is picked (as aiokafka's record classes are), so
+mypy checks both assignments below: each twin's signatures (``_pure.py``, ``_fast.pyi``) against ``FastPath``."""
 if PUREPYTHON:
-    from . import _pure as impl
+    from . import _pure
+
+    impl = _pure
 else:
     try:
-        from . import _fast as impl  # type: ignore[no-redef]
+        from . import _fast
     except ImportError as exc:  # pragma: no cover - exercised by a broken install
         raise ImportError(
             "the compiled fast path (streamscore.fastpath._fast) is not built: reinstall with "
             "`pip install -e .` (needs a C compiler), or set STREAMSCORE_PUREPYTHON=1 to run the pure-Python twin"
         ) from exc
+    impl = _fast
 
 IMPLEMENTATION: str = "pure" if PUREPYTHON else "compiled"
 decode_batch = impl.decode_batch

@@ -1,10 +1,19 @@
-"""The Redis cache tier in front of the online store.
+"""The cache tier in front of the online store: its contract (``CacheTier``), and the Redis implementation
+(``FeatureCache``, ``cache = "redis"``; ``cache = "none"`` runs without a tier, see ``backends.CACHES``).
 
-Key: ``<prefix>:fv:<view>:<entity>``. Value: the row packed as little-endian ``int64 event_ts_ms`` followed by
-one ``float64`` per feature (fixed width per view, so a whole batch of hits is parsed with one numpy call),
-the one byte ``-`` for an entity the store does not have (a negative entry, so unknown entities do not
-hit Cassandra on every request), or a writer's fence: ``~`` followed by the writer's 8-byte token while its
-write is in flight, the one byte ``~`` otherwise. Entries expire after ``cache_ttl_s``, fences after ``fence_s``.
+The contract, as ``FeatureStore`` uses it (``tests/contract/test_cache_tier.py`` checks every implementation):
+``get_many`` gives the packed entries of a batch (None for a miss or a writer's fence, or None for the whole
+batch when the tier is down: the store then reads everything from the online store); ``put_many`` fills misses
+after a read-through and never replaces an entry that is there; a write calls ``fence`` before it writes the
+online store (raising ``CacheInvalidationFailed`` refuses the write) and ``settle`` after; the counters
+``hits``, ``misses`` and ``bypassed`` and ``available`` feed the worker's /status and /metrics.
+
+The Redis implementation. Key: ``<prefix>:fv:<view>:<entity>``. Value: the row packed as little-endian
+``int64 event_ts_ms`` followed by one ``float64`` per feature (fixed width per view, so a whole batch of hits is
+parsed with one numpy call), the one byte ``-`` for an entity the store does not have (a negative entry, so unknown
+entities do not hit Cassandra on every request), or a writer's fence: ``~`` followed by the writer's 8-byte token
+while its write is in flight, the one byte ``~`` otherwise. Entries expire after ``cache_ttl_s``, fences after
+``fence_s``.
 
 Coherence with writes (a write never leaves a stale cached row):
 
@@ -37,6 +46,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -44,9 +54,52 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
-from streamscore.settings import RedisSettings
+from streamscore.settings import RedisSettings, Settings
 
 log = logging.getLogger(__name__)
+
+
+class CacheTier(Protocol):
+    """What ``FeatureStore`` needs of a cache tier (see the module docstring)."""
+
+    hits: int
+    """Entries served from the tier."""
+    misses: int
+    """Entries asked for and not there (or fenced): read through to the online store."""
+    bypassed: int
+    """Batches served without the tier because it did not answer."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CacheTier:
+        """The tier its section of the settings describes (connections are opened on first use)."""
+        ...
+
+    @property
+    def available(self) -> bool:
+        """False while the tier is known to be down (reads skip it until it is tried again)."""
+        ...
+
+    async def get_many(self, keys: Sequence[tuple[str, str]]) -> list[bytes | None] | None:
+        """Packed entries (``pack_row`` or ``MISSING``) for (view, entity) pairs, None for a miss or a fence;
+        None instead of the list when the tier did not answer."""
+        ...
+
+    async def put_many(self, entries: Sequence[tuple[str, str, bytes]]) -> None:
+        """Read-through fill of (view, entity, packed) entries, only where no entry is; never raises."""
+        ...
+
+    async def fence(self, view: str, entities: Sequence[str]) -> Fences:
+        """Step 1 of a write, before the online store is written: after it no reader gets the old entries, nor
+        can fill them back. Raises ``CacheInvalidationFailed`` when it could not (the write is then refused)."""
+        ...
+
+    async def settle(self, fences: Fences, entities: Sequence[str], rows: Mapping[str, bytes]) -> None:
+        """Step 2, after the write: entities in ``rows`` (packed as written) may become those rows where no
+        other write overlapped; the others stay misses for a while. Raises ``CacheInvalidationFailed``
+        (``written=True``) when it failed; the fences of step 1 still stand."""
+        ...
+
+    async def close(self) -> None: ...
 
 _RETRY_AFTER_S = 1.0
 
@@ -67,6 +120,8 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
 
 
 class FeatureCache:
+    """The Redis cache tier (``CacheTier``)."""
+
     def __init__(self, settings: RedisSettings, prefix: str) -> None:
         self.settings = settings
         self.prefix = prefix
@@ -79,6 +134,10 @@ class FeatureCache:
         self._retry_at = 0.0
         self._no_eval = False
         """Redis refused the publishing script once (no EVAL for this user): writes settle with plain fences."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FeatureCache:
+        return cls(settings.redis, settings.topic_prefix)
 
     def key(self, view: str, entity: str) -> str:
         return f"{self.prefix}:fv:{view}:{entity}"

@@ -1,4 +1,5 @@
-"""The Cassandra online store: one table per feature view, batched writes, one round of concurrent reads.
+"""The Cassandra online store (``online_store = "cassandra"``): one table per feature view, batched writes, one
+round of concurrent reads.
 
 Table of a view ``v`` with features ``f1..fn``::
 
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cassandra import ConsistencyLevel
@@ -22,18 +23,12 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, S
 from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
-from streamscore.settings import CassandraSettings
+from streamscore.settings import CassandraSettings, Settings
 
+from .online import FeatureStoreUnavailable, OnlineRow, OnlineStore, StoredRow
 from .views import FeatureView
 
 log = logging.getLogger(__name__)
-
-StoredRow = tuple[list[float | None], int]
-"""Feature values in view order (None for a null column) and the row's event timestamp (epoch ms)."""
-
-
-class FeatureStoreUnavailable(RuntimeError):
-    """Cassandra did not answer; the message names the host and what to check."""
 
 
 def _ssl_context(settings: CassandraSettings) -> ssl.SSLContext | None:
@@ -137,10 +132,13 @@ class _ConcurrentRound:
             self.future.set_result(self._results)
 
 
-class CassandraStore:
-    def __init__(self, settings: CassandraSettings, views: dict[str, FeatureView]) -> None:
+class CassandraStore(OnlineStore):
+    name = "cassandra"
+    title = "Cassandra"
+
+    def __init__(self, settings: CassandraSettings, views: Mapping[str, FeatureView]) -> None:
+        super().__init__(views)
         self.settings = settings
-        self.views = views
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._select: dict[str, PreparedStatement] = {}
@@ -149,19 +147,30 @@ class CassandraStore:
 
     @property
     def session(self) -> Session:
-        if self._session is None:
-            raise RuntimeError("CassandraStore.connect() was not called")
+        self._require_connected()
+        assert self._session is not None
         return self._session
+
+    def _require_connected(self) -> None:
+        """Unconnected (or closed) is a RuntimeError, before any prepared statement is looked up."""
+        if self._session is None:
+            raise RuntimeError("CassandraStore.connect() was not called (or the store was closed)")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, views: Mapping[str, FeatureView]) -> CassandraStore:
+        return cls(settings.cassandra, views)
 
     def connect(self, create: bool = True) -> None:
         """Connect, and (by default) create the keyspace and one table per view if they are missing."""
         self._cluster, self._session = connect(self.settings)
         if create:
-            self.create_schema()
+            self.apply_schema()
         for view in self.views.values():
             self._prepare(view)
 
-    def create_schema(self) -> None:
+    def apply_schema(self) -> None:
+        """``CREATE KEYSPACE`` / ``CREATE TABLE ... IF NOT EXISTS``: a table a view outgrew (a feature added
+        since) is left as it is, and the statements prepared for it then fail."""
         keyspace = self.settings.keyspace
         self.session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
@@ -194,9 +203,11 @@ class CassandraStore:
         if self._cluster is not None:
             self._cluster.shutdown()
             self._cluster = self._session = None
+        self._select, self._select_in, self._insert = {}, {}, {}
 
-    async def put(self, view_name: str, rows: Sequence[tuple[str, list[Any], int]]) -> None:
+    async def put(self, view_name: str, rows: Sequence[OnlineRow]) -> None:
         """Write (entity, values in view order, event_ts_ms) rows; raises if any write failed."""
+        self._require_connected()
         view = self.views[view_name]
         ttl = view.ttl_s or 0
         work = [(self._insert[view_name], (entity, *values, event_ts, ttl)) for entity, values, event_ts in rows]
@@ -211,6 +222,7 @@ class CassandraStore:
 
         Keys are read ``read_chunk`` at a time with ``IN`` queries, all chunks concurrently: the driver's
         per-query cost, not Cassandra, bounded per-key reads. A failed chunk fails only its own keys."""
+        self._require_connected()
         chunk = max(1, self.settings.read_chunk)
         if chunk == 1:
             results = await self._round([(self._select[view], (entity,)) for view, entity in requests])
@@ -248,3 +260,6 @@ def _stored(row: Sequence[Any]) -> StoredRow:
     """Feature columns then event_ts_ms, as read."""
     values = [None if value is None else float(value) for value in row[:-1]]
     return values, int(row[-1] or 0)
+
+
+__all__ = ["CassandraStore", "FeatureStoreUnavailable", "StoredRow", "connect"]

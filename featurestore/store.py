@@ -1,7 +1,8 @@
-"""The feature store a worker and a client use: Cassandra online store with the Redis cache in front.
+"""The feature store a worker and a client use: an online store (Cassandra by default) with a cache tier (Redis
+by default) in front, both picked by name in the settings (``backends``) or handed in from Python.
 
-A write fences its rows' cache entries, writes Cassandra, then settles the entries: each becomes the written row
-where no other write overlapped it, the plain fence elsewhere (see ``cache``). If the fences cannot be set,
+A write fences its rows' cache entries, writes the online store, then settles the entries: each becomes the
+written row where no other write overlapped it, the plain fence elsewhere (see ``cache``). If the fences cannot be set,
 nothing is written and ``put`` raises ``CacheInvalidationFailed``; if only the settling fails, a warning is
 logged and the write stands (the fences keep readers off the old rows for ``fence_s``).
 """
@@ -20,8 +21,9 @@ import numpy as np
 from streamscore.fastpath import ViewBlock
 from streamscore.settings import Settings
 
-from .cache import MISSING, CacheInvalidationFailed, FeatureCache, pack_row, row_dtype
-from .cassandra import CassandraStore, FeatureStoreUnavailable, StoredRow
+from .backends import cache_tier, online_store
+from .cache import MISSING, CacheInvalidationFailed, CacheTier, pack_row, row_dtype
+from .online import FeatureStoreUnavailable, OnlineStore, StoredRow
 from .views import FeatureView
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ class FetchedView:
     missing: list[int]
     """Request rows that got the view's defaults (entity unknown or the store unreachable)."""
     unavailable_rows: list[int] = field(default_factory=list)
-    """The rows of ``missing`` whose entity could not be read (Cassandra did not answer), not unknown."""
+    """The rows of ``missing`` whose entity could not be read (the online store did not answer), not unknown."""
     exact_values: np.ndarray | None = None
     """float64 values behind block.values (same rows), for readers that want more than float32."""
 
@@ -47,7 +49,7 @@ _UNKNOWN, _FOUND, _ABSENT, _UNAVAILABLE = 0, 1, 2, 3
 
 
 class _ViewTable:
-    """One view's rows for one batch, filled from the cache, then from Cassandra for the misses."""
+    """One view's rows for one batch, filled from the cache, then from the online store for the misses."""
 
     def __init__(self, view: FeatureView, column: Sequence[str]) -> None:
         self.view = view
@@ -77,7 +79,7 @@ class _ViewTable:
         return np.flatnonzero(self.state == _UNKNOWN).tolist()
 
     def take_stored(self, position: int, row: StoredRow | BaseException | None) -> bytes | None:
-        """Record a row read from Cassandra; returns what to cache (None: cache nothing)."""
+        """Record a row read from the online store; returns what to cache (None: cache nothing)."""
         if isinstance(row, BaseException):
             self.state[position] = _UNAVAILABLE
             return None
@@ -106,18 +108,32 @@ class _ViewTable:
 
 
 class FeatureStore:
-    def __init__(self, settings: Settings, views: Mapping[str, FeatureView], use_cache: bool = True) -> None:
+    """Batch reads (``fetch``, ``get``) and writes (``put``) of feature views, through the cache tier.
+
+    ``online`` and ``cache`` default to the backends ``settings.online_store`` and ``settings.cache`` name;
+    instances handed in are used as they are (composition from Python, e.g. ``online=MemoryStore(views)``).
+    ``use_cache=False`` runs without a cache tier whatever the settings say."""
+
+    def __init__(self, settings: Settings, views: Mapping[str, FeatureView], use_cache: bool = True, *,
+                 online: OnlineStore | None = None, cache: CacheTier | None = None) -> None:
         self.settings = settings
         self.views = dict(views)
-        self.online = CassandraStore(settings.cassandra, self.views)
-        self.cache = FeatureCache(settings.redis, settings.topic_prefix) if use_cache else None
+        self.online: OnlineStore = online if online is not None else online_store(settings, self.views)
+        self.cache: CacheTier | None = None
+        if use_cache:
+            self.cache = cache if cache is not None else cache_tier(settings)
         self.store_errors = 0
-        """Cassandra reads that failed (those requests got the view's defaults, marked unavailable)."""
+        """Online-store reads that failed (those requests got the view's defaults, marked unavailable)."""
         self._store_down_since: float | None = None
         self._errors_before_outage = 0
 
     def connect(self, create_schema: bool = True) -> None:
+        """Connect the online store; by default create its schema where it is missing (``apply_schema``)."""
         self.online.connect(create=create_schema)
+
+    def apply_schema(self) -> None:
+        """Create the keyspace and tables (or what the backend needs) the views lack; keeps every row."""
+        self.online.apply_schema()
 
     async def close(self) -> None:
         if self.cache is not None:
@@ -127,7 +143,7 @@ class FeatureStore:
     async def put(self, view_name: str, rows: Iterable[tuple[str, Mapping[str, Any], int | None]]) -> int:
         """Write (entity, {feature: value}, event_ts_ms or None for now) rows, keeping the cache coherent.
 
-        The rows' cache entries are fenced before Cassandra is written: if Redis refuses (unreachable,
+        The rows' cache entries are fenced before the online store is written: if Redis refuses (unreachable,
         credentials, NOPERM, timeout), ``CacheInvalidationFailed`` is raised and nothing is written. After the
         write (whether it succeeded or not) the entries are settled: the written row where no other write
         overlapped, the plain fence elsewhere; a failure of that second round is logged, and the write stands."""
@@ -158,8 +174,8 @@ class FeatureStore:
             try:
                 await self.cache.settle(fences, entities, written)
             except CacheInvalidationFailed as exc:
-                log.warning("Redis at %s did not settle the cache entries of %d %s row(s) after the Cassandra "
-                            "write (%s); the fences set before it keep readers off the old rows for up to %d s",
+                log.warning("Redis at %s did not settle the cache entries of %d %s row(s) after the online "
+                            "store's write (%s); the fences set before it keep readers off the old rows for up to %d s",
                             exc.address, len(entities), view_name, exc.reason, self.settings.redis.fence_s)
         return len(prepared)
 
@@ -182,8 +198,9 @@ class FeatureStore:
     async def fetch(self, view_names: Sequence[str], entity_columns: Sequence[Sequence[str]]) -> list[FetchedView]:
         """Features of a batch: for view i, entity_columns[i] holds each request's entity key.
 
-        One cache MGET for every distinct (view, entity) of the batch, then one concurrent round of
-        Cassandra reads for the misses; hits are parsed with one numpy call per view."""
+        One cache read (Redis: one MGET) for every distinct (view, entity) of the batch, then one batch read
+        of the online store for the misses (Cassandra: one concurrent round); hits are parsed with one numpy call
+        per view."""
         tables = [_ViewTable(self.views[name], column) for name, column in zip(view_names, entity_columns, strict=True)]
         pairs = [(table.view.name, entity) for table in tables for entity in table.entities]
         cached = await self.cache.get_many(pairs) if self.cache is not None else None
@@ -211,21 +228,21 @@ class FeatureStore:
         if failures:
             self._note_store_errors(len(failures), failures[0], len(stored))
         elif self._store_down_since is not None:
-            log.warning("Cassandra answers again after %.1f s; %d reads failed meanwhile",
+            log.warning("%s answers again after %.1f s; %d reads failed meanwhile", self.online.title,
                         time.monotonic() - self._store_down_since, self.store_errors - self._errors_before_outage)
             self._store_down_since = None
         if self.cache is not None:
             await self.cache.put_many(to_cache)
 
     def _note_store_errors(self, failures: int, first: BaseException, asked: int) -> None:
-        """Logged once per outage (a line per batch would flood the log while Cassandra is away), and once
+        """Logged once per outage (a line per batch would flood the log while the store is away), and once
         when reads succeed again; ``store_errors`` counts every failed read."""
         if self._store_down_since is None:
             self._store_down_since = time.monotonic()
             self._errors_before_outage = self.store_errors
-            log.warning("Cassandra reads failed for %d of %d entities (%r): until it answers again, requests "
+            log.warning("%s reads failed for %d of %d entities (%r): until it answers again, requests "
                         "whose rows are not cached get the view defaults, marked <view>:unavailable:<entity>",
-                        failures, asked, first)
+                        self.online.title, failures, asked, first)
         self.store_errors += failures
 
     def _view(self, name: str) -> FeatureView:
@@ -243,4 +260,4 @@ def _typed(kind: str, value: Any) -> Any:
     return float(value)
 
 
-__all__ = ["CacheInvalidationFailed", "FeatureStore", "FeatureStoreUnavailable", "FetchedView"]
+__all__ = ["CacheInvalidationFailed", "FeatureStore", "FeatureStoreUnavailable", "FetchedView", "OnlineStore"]

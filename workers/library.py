@@ -1,13 +1,14 @@
-"""The model library: one folder per model version, holding the ONNX artifact and its manifest.
+"""The model library: one folder per model version, holding the artifact and its manifest.
 
 Layout::
 
     <models_dir>/<model>/<version>/manifest.json
-    <models_dir>/<model>/<version>/model.onnx
+    <models_dir>/<model>/<version>/model.onnx        (the manifest's ``artifact``)
 
-The manifest names the model, its version, the artifact's sha256 (checked before every load), the inputs in
-column order (each a request feature or a feature-view feature), the outputs, and what the model knows and
-does. A version folder that fails its checks is refused with an error that says why.
+The manifest names the model, its version, the runtime that serves it (``runtime``, ``onnxruntime`` by default;
+see ``runtime.RUNTIMES``), the artifact and its sha256 (checked before every load), the inputs in column order
+(each a request feature or a feature-view feature), the outputs, and what the model knows and does. A version
+folder that fails its checks is refused with an error that says why.
 """
 
 from __future__ import annotations
@@ -85,10 +86,17 @@ class Manifest(BaseModel):
 
     name: str
     version: str
+    runtime: str = "onnxruntime"
+    """The runtime that serves the artifact, by its name in ``runtime.RUNTIMES``; an unknown one is refused at
+    load."""
+    runtime_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Options of that runtime (each runtime says which keys it takes; others are refused at load)."""
     artifact: str = "model.onnx"
+    """File name of the artifact in the version folder."""
     sha256: str
-    onnx_input: str
-    """Name of the ONNX graph's one float32 input of shape (batch, len(columns))."""
+    onnx_input: str | None = None
+    """ONNX Runtime: name of the graph's float32 input of shape (batch, len(columns)); may be left out when the
+    graph has only one input."""
     inputs: tuple[InputSpec, ...] = Field(min_length=1)
     outputs: tuple[OutputSpec, ...] = Field(min_length=1)
     description: Description
@@ -101,6 +109,9 @@ class Manifest(BaseModel):
             raise ValueError(f"version {self.version!r}: letters, digits, '.', '_' and '-' only")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise ValueError("sha256 must be 64 lower-case hex digits")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", self.artifact) or self.artifact in (".", ".."):
+            raise ValueError(f"artifact {self.artifact!r}: a file name in the version folder (letters, digits, "
+                             "'.', '_', '-')")
         return self
 
     @property
@@ -189,12 +200,13 @@ def version_dir(models_dir: Path, model: str, version: str | None = None) -> Pat
     return Path(models_dir) / model / chosen
 
 
-def register(models_dir: Path, onnx_path: Path, manifest: dict) -> Path:
-    """Copy an ONNX artifact into the library with its manifest, computing the sha256."""
-    manifest = {**manifest, "sha256": file_sha256(onnx_path)}
+def register(models_dir: Path, artifact_path: Path, manifest: dict) -> Path:
+    """Copy an artifact into the library with its manifest (written in full: defaults such as ``runtime``
+    spelled out), computing the sha256."""
+    manifest = {**manifest, "sha256": file_sha256(artifact_path)}
     parsed = Manifest.model_validate(manifest)
     target = Path(models_dir) / parsed.name / parsed.version
     target.mkdir(parents=True, exist_ok=True)
-    (target / parsed.artifact).write_bytes(Path(onnx_path).read_bytes())
+    (target / parsed.artifact).write_bytes(Path(artifact_path).read_bytes())
     (target / MANIFEST).write_text(json.dumps(parsed.model_dump(), indent=2) + "\n")
     return target
