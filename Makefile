@@ -18,6 +18,7 @@ test:
 lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy streamscore streams featurestore fastpath workers deploy/local/streamscore_stack examples bench
+	scripts/lint-imports
 
 stack-up: bootstrap
 	.venv/bin/streamscore stack up

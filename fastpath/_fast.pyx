@@ -1350,10 +1350,11 @@ cdef int _pack_with_msgpack(_Buffer* out, object value, int nest_limit) except -
 
 
 def _output_value(values, row):
-    """The twin's reading of one output row, for arrays the typed path does not cover."""
+    """The twin's reading of one output row, for arrays the typed path does not cover (strings included)."""
+    convert = str if values.dtype.kind in "UO" else float
     if values.ndim == 1:
-        return float(values[row])
-    return [float(value) for value in values[row]]
+        return convert(values[row])
+    return [convert(value) for value in values[row]]
 
 
 cdef cnp.ndarray _column_as(object values, int max_ndim, str kinds, int type_number):

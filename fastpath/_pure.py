@@ -32,6 +32,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from streamscore.streams.topics import is_topic_name
+
 from ._types import (
     BAD_ENTITIES,
     BAD_ENTITY,
@@ -59,8 +61,6 @@ from ._types import (
 
 _INT64_MAX = (1 << 63) - 1
 _INT64_MIN = -(1 << 63)
-_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-_MAX_TOPIC_LEN = 249
 # Smallest magnitude that rounds to inf in float32: half-way between FLT_MAX and 2**128 (ties go to the even
 # 2**128). Checked before the cast because numpy warns on an overflowing cast, and warnings are errors in tests.
 _FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
@@ -191,7 +191,7 @@ def _read_str(request: dict, name: str, spec: DecodeSpec) -> str | None:
 
 def _read_reply_to(request: dict, spec: DecodeSpec) -> str | None:
     topic = _read_str(request, "reply_to", spec)
-    if topic is not None and (len(topic) > _MAX_TOPIC_LEN or not _TOPIC_CHARS.issuperset(topic)):
+    if topic is not None and not is_topic_name(topic):
         raise _Invalid(BAD_FIELD, "'reply_to' must be a Kafka topic name: letters, digits, '.', '_', '-'")
     return topic
 
@@ -597,10 +597,12 @@ def assemble(
     return matrix
 
 
-def _output_value(values: np.ndarray, row: int) -> float | list[float]:
+def _output_value(values: np.ndarray, row: int) -> float | str | list[float] | list[str]:
+    """A number (or list of numbers) per row; strings for a label output (numpy str or object arrays)."""
+    convert: Any = str if values.dtype.kind in "UO" else float
     if values.ndim == 1:
-        return float(values[row])
-    return [float(value) for value in values[row]]
+        return convert(values[row])
+    return [convert(value) for value in values[row]]
 
 
 def encode_predictions(batch: PredictionBatch, sent_ms: int) -> list[bytes]:

@@ -76,6 +76,13 @@ _Send = tuple[str, int, list[Outbound], list[asyncio.Future]]
 """A producer batch queued: topic, partition, its messages and the futures of its sends."""
 
 
+def _failed(exc: BaseException) -> asyncio.Future:
+    """A send's future that failed before Kafka saw it (retried like one Kafka refused)."""
+    future: asyncio.Future = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
 def _backoff(attempt: int) -> float:
     return _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
 
@@ -126,8 +133,16 @@ class BatchPublisher:
         return asyncio.ensure_future(self._deliver(messages, substitute, sends))
 
     async def _queue(self, messages: Sequence[Outbound], substitute: Substitute | None) -> list[_Send]:
+        """Group by (topic, partition) and send each group. A group that cannot even be queued gets a failed
+        future instead, so only that group is sent again: the groups Kafka took are never repeated."""
         groups = await self._group(messages, substitute)
-        return [await self._send(topic, partition, group) for (topic, partition), group in groups.items()]
+        sends = []
+        for (topic, partition), group in groups.items():
+            try:
+                sends.append(await self._send(topic, partition, group))
+            except Exception as exc:
+                sends.append((topic, partition, group, [_failed(exc)]))
+        return sends
 
     async def _deliver(self, messages: Sequence[Outbound], substitute: Substitute | None,
                        sends: list[_Send] | None) -> None:
@@ -227,7 +242,7 @@ class BatchPublisher:
 
     async def _confirm(self, sends: list[_Send],
                        substitute: Substitute | None) -> None:
-        attempt = 0
+        attempt, last_failed = 0, len(sends) + 1
         while sends:
             failed = []
             for topic, partition, group, futures in sends:
@@ -237,6 +252,9 @@ class BatchPublisher:
                     failed.append((topic, partition, group, errors[0]))
             if not failed:
                 return
+            if len(failed) < last_failed:  # progress: start the backoff again
+                attempt = 0
+            last_failed = len(failed)
             delay = _backoff(attempt)
             log.warning("%d producer batches were not acknowledged (%r); sending them again in %.2f s",
                         len(failed), failed[0][3], delay)
@@ -255,9 +273,7 @@ class BatchPublisher:
                 sends += await self._resend_group(topic, partition, group, error, substitute)
             except Exception as exc:
                 log.warning("could not queue %d messages for %s/%d again (%r)", len(group), topic, partition, exc)
-                retry: asyncio.Future = asyncio.get_running_loop().create_future()
-                retry.set_exception(exc)
-                sends.append((topic, partition, group, [retry]))
+                sends.append((topic, partition, group, [_failed(exc)]))
         return sends
 
     async def _resend_group(self, topic: str, partition: int, group: list[Outbound], error: BaseException,

@@ -133,6 +133,9 @@ class WorkerSettings(_Strict):
     is always allowed. None allows any topic the worker may write, which lets any requester write there."""
     web_port: int = 6066
     """Port of the Faust web server (metrics, health)."""
+    stage_modules: list[str] = []
+    """Python modules imported at start (JSON list), e.g. ``["mycompany.stages"]``: they register pipeline stages
+    of their own with ``streamscore.workers.stages.register_stage``, which manifests may then name."""
     stall_timeout_s: float = Field(default=30.0, gt=0)
     """A worker whose oldest batch has waited this long without a commit (or whose event loop or fetch loop
     has not come round for this long) cannot make progress: it reports not ready at ``/readyz``, logs why and

@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import faust
@@ -28,21 +28,22 @@ from streamscore.streams import topics
 from streamscore.streams.client import ensure_topics
 from streamscore.streams.delivery import BatchDelivery, Flight
 from streamscore.streams.kafka import faust_broker, faust_credentials
-from streamscore.streams.metrics import WorkerMetrics
 from streamscore.streams.records import Inbound, Outbound
 from streamscore.streams.watchdog import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED, Watchdog, hard_exit
+from streamscore.workers.metrics import WorkerMetrics
 
 from .deadletters import DeadLetters
 from .library import ModelError, versions
 from .pipeline import BatchOutcome, BatchPipeline
 from .runtime import ModelRuntime, load_model
+from .stages import import_stage_modules
 
 log = logging.getLogger(__name__)
 
 _PIPELINE_ATTEMPTS = 3
 
 
-class ModelAgent:
+class ModelScorer:
     """Everything one model's agent needs: the pipeline, the delivery (for its publisher) and counters."""
 
     def __init__(self, pipeline: BatchPipeline, metrics: WorkerMetrics) -> None:
@@ -156,7 +157,7 @@ class ModelAgent:
         first, second = outcomes
         return BatchOutcome(first.predictions + second.predictions, first.dead_letters + second.dead_letters,
                             first.answered + second.answered, first.expired + second.expired,
-                            second.timings_us or first.timings_us, first.failed + second.failed)
+                            second.timings_us or first.timings_us, first.errored + second.errored)
 
     def _undeliverable(self, message: Outbound, error: BaseException) -> Outbound | None:
         """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
@@ -180,10 +181,18 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def create_app(settings: Settings, model_names: Sequence[str],
-               watchdog: Watchdog | None = None) -> tuple[faust.App, dict[str, ModelAgent]]:
-    """Build the worker app: load the views and models, connect the feature store, declare one agent per model
-    and the batch delivery that feeds them (watched by ``watchdog`` when given)."""
+Customize = Callable[[BatchPipeline, WorkerMetrics], None]
+"""Called with each model's pipeline (manifest stages already placed) and the worker's metrics when the worker
+is composed: place stages of your own (``pipeline.add(stage, after="infer")``) and register metrics of your own
+in ``metrics.registry`` (served at /metrics)."""
+
+
+def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdog | None = None,
+               customize: Customize | None = None) -> tuple[faust.App, dict[str, ModelScorer]]:
+    """Build the worker app: load the views and models, connect the feature store, compose one pipeline per
+    model (built-in stages, the manifest's stages, then ``customize``), declare one agent per model and the
+    batch delivery that feeds them (watched by ``watchdog`` when given)."""
+    import_stage_modules(settings.worker.stage_modules)
     views = load_views(settings.views_file)
     store = FeatureStore(settings, views)
     store.connect()
@@ -209,13 +218,17 @@ def create_app(settings: Settings, model_names: Sequence[str],
     asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
         topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model))],
         partitions=settings.worker.partitions))
-    agents: dict[str, ModelAgent] = {}
+    agents: dict[str, ModelScorer] = {}
     channels: dict[str, Any] = {}
     metrics = WorkerMetrics()
     for name in model_names:
         runtime = load_model(settings.models_dir, name, views, settings.worker)
         pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes)
-        agents[name] = ModelAgent(pipeline, metrics)
+        pipeline.add_from_manifest(metrics.registry)
+        if customize is not None:
+            customize(pipeline, metrics)
+        log.info("%s v%s pipeline: %s", name, runtime.version, " -> ".join(pipeline.stage_names))
+        agents[name] = ModelScorer(pipeline, metrics)
         agents[name].report_model()
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
     _declare_services(app, settings, store, agents, channels, watchdog)
@@ -246,7 +259,7 @@ class FlightChannel(faust.Channel):
         return self._queue
 
 
-def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
+def _declare_agent(app: faust.App, agent: ModelScorer) -> Any:
     """A Faust agent reading whole batches (Flights) from an in-memory channel: one event per batch."""
     name = agent.pipeline.model.name
     channel = FlightChannel(app, maxsize=8)
@@ -263,7 +276,7 @@ def _declare_agent(app: faust.App, agent: ModelAgent) -> Any:
     return channel
 
 
-def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, agents: dict[str, ModelAgent],
+def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, agents: dict[str, ModelScorer],
                       channels: dict[str, Any], watchdog: Watchdog | None) -> None:
     @app.service
     class Delivery(BatchDelivery):
@@ -300,7 +313,7 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
             await store.close()
 
 
-def _declare_reporting(app: faust.App, agents: dict[str, ModelAgent], store: FeatureStore,
+def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: FeatureStore,
                        metrics: WorkerMetrics, watchdog: Watchdog | None) -> None:
     started = time.monotonic()
 
@@ -401,12 +414,13 @@ class _BoundedWorker(faust.Worker):
                         "(STREAMSCORE_WORKER__SHUTDOWN_TIMEOUT_S); batches not committed will be read again")
 
 
-def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "info") -> None:
+def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "info",
+               customize: Customize | None = None) -> None:
     """Run the worker in the foreground until SIGTERM/SIGINT, or until its watchdog finds it cannot make
     progress (then it exits with code 70, so that its supervisor restarts it)."""
     holder: list[_BoundedWorker] = []
     watchdog = Watchdog(None, settings.worker.stall_timeout_s, lambda reason: holder[0].stop_on_stall(reason))
-    app, _ = create_app(settings, model_names, watchdog)
+    app, _ = create_app(settings, model_names, watchdog, customize)
     _tune_gc()
     worker = _BoundedWorker(app, watchdog, settings.worker.shutdown_timeout_s, loglevel=loglevel, quiet=True)
     holder.append(worker)

@@ -8,6 +8,8 @@ element). The reason is in the headers (docs/wire-format.md, "Dead letter").
 
 from __future__ import annotations
 
+import msgpack
+
 from streamscore.fastpath import DecodeError
 from streamscore.streams.clock import now_ms
 from streamscore.streams.records import Inbound, Outbound
@@ -48,8 +50,10 @@ class DeadLetters:
         return self._letter(message, value, error.kind, error.detail, error.element_index, extra)
 
     def failed(self, message: Inbound, exc: BaseException) -> Outbound:
-        """A message the worker failed on, whole (``processing_failed``)."""
-        return self._letter(message, message.value, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", -1, [])
+        """A message the worker failed on, whole (``processing_failed``), with its request id when it reads."""
+        request_id = _request_id_of(message.value)
+        extra = [(HEADER_REQUEST_ID, request_id.encode())] if request_id is not None else []
+        return self._letter(message, message.value, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", -1, extra)
 
     def undeliverable(self, prediction: Outbound, error: BaseException) -> Outbound:
         """The dead letter that replaces a prediction Kafka will never take on its topic: the prediction itself,
@@ -86,6 +90,16 @@ def kind_of(letter: Outbound) -> str:
         if name == HEADER_ERROR_KIND:
             return value.decode()
     return "unknown"
+
+
+def _request_id_of(value: bytes | None) -> str | None:
+    """The ``id`` of a single-request message, read the plain way (a failure path: never the hot path)."""
+    try:
+        request = msgpack.unpackb(value, raw=False, strict_map_key=False) if value else None
+    except Exception:  # whatever it is, the dead letter goes out without the id
+        return None
+    request_id = request.get("id") if isinstance(request, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 256 else None
 
 
 def _clip(text: str) -> bytes:

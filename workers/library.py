@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from streamscore.fastpath import InputColumn, RequestFeature
 from streamscore.featurestore.views import FeatureView
 
+from .stages import StageSpec
+
 MANIFEST = "manifest.json"
 
 
@@ -100,6 +102,8 @@ class Manifest(BaseModel):
     inputs: tuple[InputSpec, ...] = Field(min_length=1)
     outputs: tuple[OutputSpec, ...] = Field(min_length=1)
     description: Description
+    stages: tuple[StageSpec, ...] = ()
+    """Pipeline stages of the model's own, by registered name (workers/stages.py), e.g. a decision rule."""
 
     @model_validator(mode="after")
     def _names(self) -> Manifest:

@@ -101,6 +101,13 @@ def export_onnx(pipeline: Pipeline, path: Path) -> Path:
     return path
 
 
+DECISION_STAGE = {"stage": "threshold_decision", "after": "infer",
+                  "params": {"score": "fraud_probability", "thresholds": [0.3, 0.7],
+                             "labels": ["approve", "review", "decline"]}}
+"""The pipeline stage of the model's own: the fraud probability as a decision (approve below 0.3, review up to
+0.7, decline from 0.7), in every prediction's outputs as ``decision`` and counted at /metrics."""
+
+
 def _manifest(n_train: int, auc: float) -> dict[str, Any]:
     return {
         "name": MODEL_NAME,
@@ -108,6 +115,7 @@ def _manifest(n_train: int, auc: float) -> dict[str, Any]:
         "onnx_input": ONNX_INPUT,
         "inputs": MODEL_INPUTS,
         "outputs": OUTPUTS,
+        "stages": [DECISION_STAGE],
         "description": {
             "domain": "card-payment fraud",
             "input_modality": "tabular: transaction amount, hour and foreign flag from the request, plus card "

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -200,9 +201,13 @@ def _summarize(requests: list[dict[str, Any]], predictions: dict[str, dict], arr
     for request in requests[:3]:
         prediction = predictions.get(request["id"])
         if prediction is not None:
+            outputs = prediction["outputs"]
             echo(f"  {request['id']}: {prediction['status']} fraud_probability="
-                 f"{prediction['outputs'].get('fraud_probability'):.6f} degraded={prediction['degraded']} "
-                 f"lineage={prediction['lineage']}")
+                 f"{outputs.get('fraud_probability'):.6f} decision={outputs.get('decision')} "
+                 f"degraded={prediction['degraded']} lineage={prediction['lineage']}")
+    decisions = Counter(p["outputs"].get("decision") for p in predictions.values() if p["status"] == "ok")
+    echo("decisions (the manifest's threshold_decision stage, after infer): " +
+         ", ".join(f"{label} {decisions[label]}" for label in ("approve", "review", "decline")))
     verdict = "all match" if not mismatched and not missing else "MISMATCH"
     echo(f"offline check: {answered - mismatched}/{len(requests)} scores equal the offline scikit-learn scores "
          f"within {SCORE_TOLERANCE} (max |difference| {worst:.2e}): {verdict}")

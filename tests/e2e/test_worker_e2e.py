@@ -348,3 +348,27 @@ def test_tampered_new_version_is_refused_and_a_good_one_is_served(deployment: De
     while _served_version(deployment) != "2":
         assert time.monotonic() < deadline, "the verified v2 was not picked up"
         time.sleep(0.5)
+
+
+def test_the_manifests_decision_stage_labels_every_prediction_and_counts_them(deployment: Deployment) -> None:
+    import urllib.request
+
+    run = uuid.uuid4().hex[:6]
+    requests = [request(f"dec-{run}-{i}", f"card-{i}", f"merchant-{i % 40}", 5.0 + 40.0 * i) for i in range(40)]
+    asyncio.run(_produce(deployment, requests))
+
+    predictions = _predictions_for(deployment, {r["id"] for r in requests})
+
+    def expected(score: float) -> str:  # the demo manifest's thresholds, in float32 like the model's output
+        score32 = np.float32(score)
+        return "approve" if score32 < np.float32(0.3) else "review" if score32 < np.float32(0.7) else "decline"
+
+    assert len(predictions) == len(requests)
+    for prediction in predictions:
+        assert prediction["outputs"]["decision"] == expected(prediction["outputs"]["fraud_probability"])
+        assert "decision" in prediction["timings_us"]
+    port = deployment.env["STREAMSCORE_WORKER__WEB_PORT"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'streamscore_decisions_total{decision="approve",model="fraud"}' in metrics
+    assert 'streamscore_stage_seconds_count{model="fraud",stage="decision"}' in metrics

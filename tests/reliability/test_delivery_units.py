@@ -245,10 +245,10 @@ class FakePipeline:
 
 
 def make_agent(pipeline: FakePipeline | None = None) -> tuple[Any, FakePublisher]:
-    from streamscore.streams.metrics import WorkerMetrics
-    from streamscore.workers.app import ModelAgent
+    from streamscore.workers.app import ModelScorer
+    from streamscore.workers.metrics import WorkerMetrics
 
-    agent = ModelAgent(pipeline or FakePipeline(), WorkerMetrics())
+    agent = ModelScorer(pipeline or FakePipeline(), WorkerMetrics())
     publisher = FakePublisher()
 
     class Delivery:
@@ -368,3 +368,28 @@ def test_faust_flow_control_neither_blocks_nor_clears_flights() -> None:
         return [channel.queue.get_nowait()]
 
     assert run(scenario()) == ["flight-1"]
+
+
+def test_a_group_that_cannot_be_queued_is_sent_again_alone_and_the_others_are_not_repeated() -> None:
+    producer = FakeProducer(partitions={"p.m.predictions": 2, DLQ: 2})
+    failures = {"left": 2}
+
+    async def scenario() -> BatchPublisher:
+        publisher = BatchPublisher(producer)
+        send = producer.send_batch
+
+        async def flaky(builder: FakeBuilder, topic: str, partition: int) -> asyncio.Future:
+            if topic == DLQ and failures["left"]:
+                failures["left"] -= 1
+                raise KafkaTimeoutError("accumulator full")
+            return await send(builder, topic, partition)
+
+        producer.send_batch = flaky  # type: ignore[method-assign]
+        await (await publisher.publish([Outbound("p.m.predictions", b"a", b"1"), Outbound(DLQ, b"b", b"2")],
+                                       letter_for))
+        return publisher
+
+    publisher = run(scenario())
+    delivered = [(topic, value) for topic, _, records in producer.sent for _, value in records]
+    assert sorted(delivered) == [(DLQ, b"2"), ("p.m.predictions", b"1")]  # each exactly once
+    assert publisher.resent == 2 and publisher.failures == 0

@@ -46,8 +46,8 @@ class WorkerMetrics:
 
     def observe_batch(self, model: str, messages: int, outcome: Any) -> None:
         self.batch_size.labels(model).observe(messages)
-        ok = outcome.answered - outcome.expired - outcome.failed
-        for status, count in (("ok", ok), ("expired", outcome.expired), ("error", outcome.failed)):
+        ok = outcome.answered - outcome.expired - outcome.errored
+        for status, count in (("ok", ok), ("expired", outcome.expired), ("error", outcome.errored)):
             if count:
                 self.requests.labels(model, status).inc(count)
         for letter in outcome.dead_letters:

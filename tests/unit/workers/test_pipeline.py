@@ -1,0 +1,193 @@
+"""The pipeline as a list of stages, without servers: the built-in order, stages of one's own placed by name
+and timed, a stage's rejection as a dead letter, expiry, a model failure, and the example decision stage."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamscore import fastpath
+from streamscore.streams.records import Inbound
+from streamscore.workers.pipeline import BatchPipeline
+from streamscore.workers.stages import (
+    STAGES,
+    ScoringBatch,
+    StageError,
+    StageSpec,
+    ThresholdDecision,
+    build_stage,
+    place,
+    register_stage,
+)
+
+SPEC = fastpath.DecodeSpec((), (fastpath.RequestFeature("amount"),))
+
+
+@dataclass
+class TinyRuntime:
+    """Scores the request feature ``amount`` as itself (or fails when told to)."""
+
+    name: str = "tiny"
+    version: str = "1"
+    views: list[Any] = field(default_factory=list)
+    decode_spec: fastpath.DecodeSpec = SPEC
+    columns: list[fastpath.InputColumn] = field(default_factory=lambda: [fastpath.InputColumn(True, 0, 0)])
+    manifest: Any = field(default_factory=lambda: SimpleNamespace(sha256="ab" * 32, stages=()))
+    provider: str = "CPUExecutionProvider"
+    fail: bool = False
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.fail:
+            raise RuntimeError("the model is broken")
+        return {"score": inputs[:, 0].astype(np.float32)}
+
+
+class NoViews:
+    async def fetch(self, view_names: list[str], entity_columns: list[list[str]]) -> list[Any]:
+        assert view_names == [] and entity_columns == []
+        return []
+
+
+def message(request_id: str, amount: float, **extra: Any) -> Inbound:
+    return Inbound(msgpack.packb({"id": request_id, "features": {"amount": amount}, **extra}), b"k", "t", 0, 7)
+
+
+def pipeline(runtime: TinyRuntime | None = None) -> BatchPipeline:
+    return BatchPipeline(runtime or TinyRuntime(), NoViews(), "p", worker_id="w")  # type: ignore[arg-type]
+
+
+def predictions(outcome: Any) -> list[dict[str, Any]]:
+    return [msgpack.unpackb(value) for _, _, value, _ in outcome.predictions]
+
+
+def test_the_built_in_stages_run_in_order_and_each_is_timed() -> None:
+    scoring = pipeline()
+    outcome = asyncio.run(scoring.process([message("a", 0.25), message("b", 0.75)]))
+
+    assert scoring.stage_names == ["decode", "screen", "features", "assemble", "infer", "encode"]
+    assert list(outcome.timings_us) == scoring.stage_names
+    assert [(p["id"], p["status"], p["outputs"]["score"]) for p in predictions(outcome)] == [
+        ("a", "ok", 0.25), ("b", "ok", 0.75)]
+    assert predictions(outcome)[0]["lineage"]["batch_id"] == "w/1"
+
+
+class Doubler:
+    """A stage of one's own after infer: rewrites an output."""
+
+    name = "double"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        batch.outputs["score"] = batch.outputs["score"] * 2
+
+
+class RejectNegative:
+    """A stage of one's own before features: refuses rows by a business rule."""
+
+    name = "no-negatives"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        assert batch.decoded is not None
+        rows = [row for row in batch.live.tolist() if batch.decoded.features[row, 0] < 0]
+        batch.reject(rows, "refused_by_rule", "amount must not be negative")
+
+
+def test_stages_of_ones_own_are_placed_by_name_timed_and_seen_in_the_outputs() -> None:
+    scoring = pipeline()
+    scoring.add(Doubler(), after="infer")
+    scoring.add(RejectNegative(), before="features")
+    batch = [message("a", 0.25), message("neg", -1.0), Inbound(msgpack.packb([
+        {"id": "e0", "features": {"amount": 1.0}}, {"id": "e1", "features": {"amount": -2.0}}]), b"k", "t", 0, 8)]
+    outcome = asyncio.run(scoring.process(batch))
+
+    assert scoring.stage_names == ["decode", "screen", "no-negatives", "features", "assemble", "infer", "double",
+                                   "encode"]
+    assert set(outcome.timings_us) == set(scoring.stage_names)
+    assert {p["id"]: p["outputs"]["score"] for p in predictions(outcome)} == {"a": 0.5, "e0": 2.0}
+    letters = {dict(letter.headers)["streamscore-request-id"]: dict(letter.headers) for letter in outcome.dead_letters}
+    assert set(letters) == {b"neg", b"e1"}
+    assert letters[b"neg"]["streamscore-element"] == b"-1"
+    assert letters[b"e1"]["streamscore-element"] == b"1"
+    assert letters[b"e1"]["streamscore-error-kind"] == b"refused_by_rule"
+    element_letter = next(letter for letter in outcome.dead_letters
+                          if dict(letter.headers)["streamscore-request-id"] == b"e1")
+    assert msgpack.unpackb(element_letter.value) == {"id": "e1", "features": {"amount": -2.0}}
+
+
+def test_placing_a_stage_refuses_unknown_anchors_and_duplicate_names() -> None:
+    stages = pipeline().stages
+    with pytest.raises(StageError, match="no stage named 'nope'"):
+        place(stages, Doubler(), after="nope")
+    with pytest.raises(StageError, match="already in the pipeline"):
+        place(place(stages, Doubler()), Doubler())
+    with pytest.raises(StageError, match="not both"):
+        place(stages, Doubler(), before="infer", after="infer")
+    assert [stage.name for stage in place(stages, Doubler())][-1] == "double"
+
+
+def test_expired_and_failed_rows_are_answered_with_their_status() -> None:
+    outcome = asyncio.run(pipeline().process([message("old", 1.0, deadline_ms=0), message("new", 1.0)]))
+    assert {p["id"]: p["status"] for p in predictions(outcome)} == {"old": "expired", "new": "ok"}
+    assert outcome.expired == 1 and outcome.errored == 0
+
+    failing = asyncio.run(pipeline(TinyRuntime(fail=True)).process([message("x", 1.0)]))
+    (prediction,) = predictions(failing)
+    assert prediction["status"] == "error" and prediction["error"]["kind"] == "inference_failed"
+    assert failing.errored == 1 and prediction["outputs"] == {}
+
+
+def test_the_threshold_decision_labels_scores_and_counts_them() -> None:
+    registry = CollectorRegistry()
+    spec = StageSpec(stage="threshold_decision", after="infer",
+                     params={"score": "score", "thresholds": [0.3, 0.7], "labels": ["approve", "review", "decline"]})
+    scoring = pipeline()
+    scoring.add(build_stage(spec, registry, "tiny"), spec.before, spec.after)
+    amounts = [0.1, 0.3, 0.5, 0.7, 0.95]
+    outcome = asyncio.run(scoring.process([message(f"r{i}", amount) for i, amount in enumerate(amounts)]))
+
+    decisions = [p["outputs"]["decision"] for p in predictions(outcome)]
+    assert decisions == ["approve", "review", "review", "decline", "decline"]
+    counted = {labels["decision"]: value for labels, value in
+               ((sample.labels, sample.value) for metric in registry.collect() for sample in metric.samples
+                if sample.name == "streamscore_decisions_total")}
+    assert counted == {"approve": 1.0, "review": 2.0, "decline": 2.0}
+
+
+def test_a_manifest_stage_that_is_not_registered_or_misconfigured_says_what_to_do() -> None:
+    with pytest.raises(StageError, match=r"not registered; known: .*threshold_decision"):
+        build_stage(StageSpec(stage="nope"), None, "m")
+    with pytest.raises(StageError, match="one label more than thresholds"):
+        build_stage(StageSpec(stage="threshold_decision",
+                              params={"score": "s", "thresholds": [0.5], "labels": ["a"]}), None, "m")
+
+
+def test_registered_stages_can_be_named_by_manifests() -> None:
+    @register_stage("test_constant")
+    class Constant:
+        name = "constant"
+
+        def __init__(self, value: float, registry: Any = None, model: str = "") -> None:
+            self.value = value
+
+        async def __call__(self, batch: ScoringBatch) -> None:
+            batch.outputs["constant"] = np.full(len(batch.status), self.value)
+
+    try:
+        scoring = pipeline()
+        scoring.add(build_stage(StageSpec(stage="test_constant", params={"value": 4.0}), None, "tiny"),
+                    after="infer")
+        (prediction,) = predictions(asyncio.run(scoring.process([message("a", 1.0)])))
+        assert prediction["outputs"]["constant"] == 4.0
+    finally:
+        STAGES.pop("test_constant")
+
+
+def test_decision_stage_refuses_unsorted_thresholds() -> None:
+    with pytest.raises(ValueError, match="ascending"):
+        ThresholdDecision("s", [0.7, 0.3], ["a", "b", "c"])

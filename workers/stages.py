@@ -1,0 +1,416 @@
+"""The pipeline's stages: a small contract, the built-in stages, and a registry of stages by name.
+
+A stage is anything with a ``name`` and an async ``__call__(batch)`` that reads and fills in the
+``ScoringBatch`` being processed. The pipeline is a list of them; each is timed under its own name (in the
+prediction's ``timings_us``, in ``/metrics`` and in the worker's log). The built-in stages are stages like any
+other::
+
+    decode -> screen -> features -> assemble -> infer -> encode
+
+A stage of your own goes anywhere in that list: from the model's manifest (``"stages": [{"stage":
+"threshold_decision", "after": "infer", "params": {...}}]``, by a name registered here with
+``register_stage``), or from Python when composing the worker (``create_app(..., stages={"fraud": [...]})``).
+Modules holding registered stages of your own are imported at start when named in
+``STREAMSCORE_WORKER__STAGE_MODULES``. A stage that raises is handled like any failure of the pipeline: the
+batch is tried again, then split down to the messages at fault, which are dead-lettered ``processing_failed``.
+
+What a stage may do with the batch:
+
+- read anything (``decoded`` columns, ``fetched`` feature views, ``inputs``, ``outputs``);
+- after ``infer``: add or change ``outputs`` (a numpy array per output, one row per decoded request: numbers,
+  lists of numbers or strings), for the rows in ``live``;
+- before ``features``: change ``decoded`` request features, or drop rows from scoring with ``reject`` (each
+  such request gets a dead letter with the kind and reason given; after ``features`` a rejected row is still
+  scored, but answered by its dead letter only);
+- keep what it wants for later stages in ``context``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamscore import fastpath
+from streamscore.featurestore.store import FeatureStore, FetchedView
+from streamscore.streams.clock import now_ms
+from streamscore.streams.records import Inbound, Outbound
+from streamscore.streams.topics import reply_to_refusal
+
+from .deadletters import DeadLetters
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+OK, EXPIRED, ERROR = "ok", "expired", "error"
+NOT_ANSWERED = "not_answered"
+"""Status of a decoded row that gets no prediction: it was dead-lettered by a stage (``ScoringBatch.reject``)."""
+
+UNKNOWN_VERSION = "unknown_version"
+BAD_FIELD = "bad_field"
+
+
+@dataclass
+class ScoringBatch:
+    """The batch being processed, as every stage sees it. Row-wise arrays have one entry per decoded request
+    (``decoded``), in decoded order."""
+
+    messages: Sequence[Inbound]
+    model: ModelRuntime
+    received_ms: int
+    letters: DeadLetters
+    decoded: fastpath.DecodedBatch | None = None
+    status: np.ndarray = field(default_factory=lambda: np.empty(0, dtype="<U12"))
+    """Per row: ``ok``, ``expired``, ``error`` or ``not_answered``."""
+    scored_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
+    """The rows that were live when ``features`` ran: the rows fetched, assembled and scored, in order."""
+    fetched: list[FetchedView] = field(default_factory=list)
+    """One per model view, for ``scored_rows`` (in that order)."""
+    inputs: np.ndarray | None = None
+    """The float32 model input, one row per scored row."""
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    """Output name -> array with one row per decoded row (rows not ``ok`` are not read)."""
+    error: tuple[str, str] | None = None
+    """(kind, message) every live row is answered with when inference failed."""
+    dead_letters: list[Outbound] = field(default_factory=list)
+    predictions: list[Any] = field(default_factory=list)
+    """Outbound-shaped tuples, made by ``encode``."""
+    timings_us: dict[str, int] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    """Free room for stages to pass things on."""
+
+    @property
+    def live(self) -> np.ndarray:
+        """Rows to score (status ``ok`` before inference)."""
+        return np.flatnonzero(self.status == OK)
+
+    def reject(self, rows: Sequence[int], kind: str, detail: str | Sequence[str]) -> None:
+        """Answer these rows with a dead letter (kind, reason) instead of a prediction."""
+        assert self.decoded is not None
+        decoded = self.decoded
+        for position, row in enumerate(rows):
+            element = int(decoded.element[row])
+            span = (int(decoded.span[row, 0]), int(decoded.span[row, 1])) if element >= 0 else None
+            reason = detail if isinstance(detail, str) else detail[position]
+            error = fastpath.DecodeError(int(decoded.source[row]), element, kind, reason, decoded.ids[row], span)
+            self.dead_letters.append(self.letters.rejected(self.messages[error.message_index], error))
+            self.status[row] = NOT_ANSWERED
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """One step of the pipeline."""
+
+    name: str
+
+    async def __call__(self, batch: ScoringBatch) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------- built-ins
+
+
+class Decode:
+    """Raw messages -> columns (the fast path); one dead letter per bad message or element."""
+
+    name = "decode"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        decoded = fastpath.decode_batch([message.value for message in batch.messages], batch.model.decode_spec)
+        batch.decoded = decoded
+        batch.dead_letters.extend(batch.letters.rejected(batch.messages[error.message_index], error)
+                                  for error in decoded.errors)
+        # an absent deadline decodes as fastpath.NO_DEADLINE; 0 and negative deadlines have passed
+        batch.status = np.where(decoded.deadline_ms <= batch.received_ms, EXPIRED, OK).astype("<U12")
+
+
+class Screen:
+    """Requests the worker must not score: a pinned version other than the one served, a reply_to Kafka takes
+    no writes to or outside the allowed prefixes. Costs nothing when no request names either."""
+
+    name = "screen"
+
+    def __init__(self, topic_prefix: str, reply_to_prefixes: Sequence[str] | None = None) -> None:
+        self.reply_to_prefixes = None if reply_to_prefixes is None else (f"{topic_prefix}.", *reply_to_prefixes)
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        decoded = batch.decoded
+        assert decoded is not None
+        rows = len(decoded)
+        if decoded.version.count(None) == rows and decoded.reply_to.count(None) == rows:
+            return  # the usual batch: no Python loop over its requests
+        served = batch.model.version
+        for row, (version, reply_to) in enumerate(zip(decoded.version, decoded.reply_to, strict=True)):
+            if version is not None and version != served:
+                batch.reject([row], UNKNOWN_VERSION, f"version {version!r} is pinned but this worker serves "
+                                                     f"{batch.model.name} v{served}")
+            elif reply_to is not None:
+                refusal = reply_to_refusal(reply_to, self.reply_to_prefixes)
+                if refusal is not None:
+                    batch.reject([row], BAD_FIELD, refusal)
+
+
+class Features:
+    """One cache MGET and one concurrent round of store reads for every distinct entity of the live rows."""
+
+    name = "features"
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        decoded, live = batch.decoded, batch.live
+        assert decoded is not None
+        batch.scored_rows = live
+        if not len(live):
+            return
+        all_live = len(live) == len(decoded)
+        rows = live.tolist()
+        batch.fetched = await self.store.fetch(
+            [view.name for view in batch.model.views],
+            [column if all_live else [column[row] for row in rows] for column in decoded.entities],
+        )
+
+
+class Assemble:
+    """The float32 model input in the manifest's column order (the fast path)."""
+
+    name = "assemble"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        assert batch.decoded is not None
+        rows = batch.scored_rows
+        if len(rows):
+            batch.inputs = fastpath.assemble(batch.decoded.features[rows], [view.block for view in batch.fetched],
+                                             batch.model.columns)
+
+
+class Infer:
+    """One runtime call for the live rows; outputs scattered back to decoded rows. A model failure answers
+    the live rows with status ``error`` (never loses them)."""
+
+    name = "infer"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        if batch.inputs is None:
+            return
+        live = batch.scored_rows
+        try:
+            scored = batch.model.run(batch.inputs)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d requests", len(live))
+            batch.error = ("inference_failed", f"{type(exc).__name__}: {exc}")
+            batch.status[live[batch.status[live] == OK]] = ERROR
+            return
+        rows = len(batch.status)
+        for name, values in scored.items():
+            if len(values) != len(live):  # one output row per input row, or the batch is not answered
+                raise ValueError(f"the model returned {len(values)} rows of {name!r} for {len(live)} inputs")
+            full = np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
+            full[live] = values
+            batch.outputs[name] = full
+
+
+class Encode:
+    """One msgpack prediction per answered row (the fast path), with lineage, degraded and stage timings."""
+
+    name = "encode"
+
+    def __init__(self, predictions_topic: str, lineage: Callable[[], dict[str, object]]) -> None:
+        self.predictions_topic = predictions_topic
+        self.lineage = lineage
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        decoded = batch.decoded
+        assert decoded is not None
+        prediction_batch = _prediction_batch(batch, self.lineage())
+        encoded = fastpath.encode_predictions(prediction_batch, now_ms())
+        default_topic, reply_to = self.predictions_topic, decoded.reply_to
+        # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
+        batch.predictions = [
+            (reply_to[row] or default_topic, request_id.encode(), value, None)
+            for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True)
+        ]
+
+
+@dataclass
+class _RowsBatch(fastpath.PredictionBatch):
+    rows: list[int] = field(default_factory=list)
+    """Decoded row of each prediction."""
+
+
+def _prediction_batch(batch: ScoringBatch, lineage: dict[str, object]) -> _RowsBatch:
+    decoded, status, model = batch.decoded, batch.status, batch.model
+    assert decoded is not None
+    rows = np.flatnonzero(status != NOT_ANSWERED)
+    row_list = rows.tolist()
+    feature_ts = {view.name: np.zeros(len(decoded), dtype=np.int64) for view in model.views}
+    degraded = _degraded(batch, feature_ts)
+    status_list = status[rows].tolist()
+    row_errors: list[tuple[str, str] | None] = [None] * len(row_list)
+    for position in np.flatnonzero(status[rows] != OK).tolist():
+        row = row_list[position]
+        row_errors[position] = (("expired", f"deadline_ms {int(decoded.deadline_ms[row])} passed before the "
+                                            "request was scored") if status_list[position] == EXPIRED
+                                else batch.error or ("error", "not scored"))
+    return _RowsBatch(
+        rows=row_list,
+        ids=decoded.ids if len(row_list) == len(decoded) else [decoded.ids[row] for row in row_list],
+        model=model.name,
+        version=model.version,
+        status=status_list,
+        outputs={name: values[rows] for name, values in batch.outputs.items()},
+        errors=row_errors,
+        degraded=[degraded.get(row, []) for row in row_list] if degraded else [[] for _ in row_list],
+        lineage=lineage,
+        feature_ts_ms={name: stamps[rows] for name, stamps in feature_ts.items()},
+        timings_us=dict(batch.timings_us),
+        received_ms=np.full(len(rows), batch.received_ms, dtype=np.int64),
+    )
+
+
+def _degraded(batch: ScoringBatch, feature_ts: dict[str, np.ndarray]) -> dict[int, list[str]]:
+    """Fill each view's feature timestamps; name every defaulted entity per request row."""
+    decoded, live = batch.decoded, batch.scored_rows
+    assert decoded is not None
+    degraded: dict[int, list[str]] = {}
+    for fetched_view in batch.fetched:
+        name = fetched_view.view.name
+        feature_ts[name][live] = fetched_view.event_ts_ms
+        column = decoded.entities[batch.model.views.index(fetched_view.view)]
+        unavailable = set(fetched_view.unavailable_rows)
+        for live_row in fetched_view.missing:
+            row = int(live[live_row])
+            reason = "unavailable" if live_row in unavailable else "missing"
+            degraded.setdefault(row, []).append(f"{name}:{reason}:{column[row]}")
+    return degraded
+
+
+# ------------------------------------------------------------------------------------------ an example
+
+
+class ThresholdDecision:
+    """Turns a score output into a decision label by thresholds, e.g. the fraud probability into
+    ``approve`` / ``review`` / ``decline``, and counts the decisions in the worker's Prometheus registry
+    (``streamscore_decisions_total{model, decision}``).
+
+    ``thresholds`` are ascending; a score below ``thresholds[0]`` gets ``labels[0]``, at or above
+    ``thresholds[-1]`` the last label (``len(labels) == len(thresholds) + 1``)."""
+
+    name = "decision"
+
+    def __init__(self, score: str, thresholds: Sequence[float], labels: Sequence[str], output: str = "decision",
+                 registry: CollectorRegistry | None = None, model: str = "") -> None:
+        if len(labels) != len(thresholds) + 1 or list(thresholds) != sorted(thresholds):
+            raise ValueError(f"threshold_decision needs ascending thresholds and one label more than thresholds, "
+                             f"got thresholds={list(thresholds)} labels={list(labels)}")
+        self.score, self.output, self.model = score, output, model
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.labels = np.asarray(labels)
+        self.counter = None
+        if registry is not None:
+            from prometheus_client import Counter
+
+            self.counter = Counter("streamscore_decisions", "Decisions of the threshold_decision stage",
+                                   ["model", "decision"], registry=registry)
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        if self.score not in batch.outputs:
+            return  # nothing scored in this batch (all expired, or inference failed)
+        scores = batch.outputs[self.score]
+        # thresholds in the score's own precision: a float32 score of 0.7 is "at 0.7", not just below it
+        thresholds = self.thresholds.astype(scores.dtype) if scores.dtype.kind == "f" else self.thresholds
+        decisions = self.labels[np.searchsorted(thresholds, scores, side="right")]
+        batch.outputs[self.output] = decisions
+        if self.counter is not None:
+            live = batch.live
+            names, counts = np.unique(decisions[live], return_counts=True)
+            for label, count in zip(names.tolist(), counts.tolist(), strict=True):
+                self.counter.labels(self.model or batch.model.name, label).inc(count)
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+StageFactory = Callable[..., Stage]
+"""Builds a stage from the manifest's ``params`` (keyword arguments), plus ``registry`` and ``model``."""
+
+STAGES: dict[str, StageFactory] = {"threshold_decision": ThresholdDecision}
+"""Stages a manifest may name. Built-in stages are not in it: they are always there."""
+
+
+def register_stage(name: str) -> Callable[[StageFactory], StageFactory]:
+    """Class decorator: make a stage available to manifests under ``name``."""
+
+    def register(factory: StageFactory) -> StageFactory:
+        STAGES[name] = factory
+        return factory
+
+    return register
+
+
+def import_stage_modules(modules: Sequence[str]) -> None:
+    """Import the operator's stage modules (``STREAMSCORE_WORKER__STAGE_MODULES``), which register theirs."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise StageError(f"STREAMSCORE_WORKER__STAGE_MODULES names {module!r}, which cannot be imported: "
+                             f"{exc}") from exc
+
+
+class StageError(ValueError):
+    """A stage that cannot be built or placed; the message names the manifest field or setting."""
+
+
+class StageSpec(BaseModel):
+    """A stage a manifest adds to its model's pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    """Registered name (``STAGES``), e.g. ``threshold_decision``."""
+    before: str | None = None
+    """Name of the stage to run before (one of before/after)."""
+    after: str | None = None
+    """Name of the stage to run after."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the stage's factory."""
+
+
+def build_stage(spec: StageSpec, registry: CollectorRegistry | None, model: str) -> Stage:
+    factory = STAGES.get(spec.stage)
+    if factory is None:
+        raise StageError(f"model {model!r}: manifest stage {spec.stage!r} is not registered; known: "
+                         f"{sorted(STAGES)} (register yours with register_stage and name its module in "
+                         "STREAMSCORE_WORKER__STAGE_MODULES)")
+    try:
+        return factory(**spec.params, registry=registry, model=model)
+    except (TypeError, ValueError) as exc:
+        raise StageError(f"model {model!r}: manifest stage {spec.stage!r} params {spec.params}: {exc}") from exc
+
+
+def place(stages: list[Stage], stage: Stage, before: str | None = None, after: str | None = None) -> list[Stage]:
+    """A copy of ``stages`` with ``stage`` inserted before/after the stage of that name (at the end when
+    neither is given)."""
+    if before is not None and after is not None:
+        raise StageError(f"stage {stage.name!r}: give 'before' or 'after', not both")
+    names = [existing.name for existing in stages]
+    if stage.name in names:
+        raise StageError(f"stage {stage.name!r} is already in the pipeline {names}: stage names must be unique")
+    anchor = before or after
+    if anchor is None:
+        return [*stages, stage]
+    if anchor not in names:
+        raise StageError(f"stage {stage.name!r}: no stage named {anchor!r} to go {'before' if before else 'after'}"
+                         f" (the pipeline is {names})")
+    index = names.index(anchor) + (1 if after else 0)
+    return [*stages[:index], stage, *stages[index:]]
