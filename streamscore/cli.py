@@ -204,6 +204,16 @@ async def _subscribe(settings: Settings, model: str | None, topic: str | None, f
                 return
 
 
+# --- models ---------------------------------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """The model library and its deployments: versions, production/canary/shadow, optimized variants."""
+
+
+# (the deployment commands and `optimize` are added below this group)
+
+
 # --- features -------------------------------------------------------------------------------------------------
 
 @main.group()
