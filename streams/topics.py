@@ -1,4 +1,4 @@
-"""Topic names: ``<prefix>.<model>.requests|predictions|dlq``."""
+"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ def predictions(prefix: str, model: str) -> str:
 
 def dead_letters(prefix: str, model: str) -> str:
     return f"{prefix}.{model}.dlq"
+
+
+def deployments(prefix: str, model: str) -> str:
+    """The model's deployment state (compacted, one partition; key: the model name)."""
+    return f"{prefix}.{model}.deployments"
 
 
 def replies(prefix: str, client_id: str) -> str:

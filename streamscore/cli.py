@@ -214,6 +214,159 @@ def models() -> None:
 # (the deployment commands and `optimize` are added below this group)
 
 
+def _run_deployment(action: Any) -> Any:
+    """Run ``action(settings)`` (a coroutine function); a refusal or an unreachable Kafka is one line."""
+    from aiokafka.errors import KafkaError
+
+    from streamscore.workers.deployments import DeploymentError
+    from streamscore.workers.library import ModelError
+
+    settings = _settings()
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection warnings: the one line below says it
+    try:
+        return asyncio.run(action(settings))
+    except (DeploymentError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (KafkaError, TimeoutError, OSError) as exc:
+        raise click.ClickException(
+            f"Kafka at {settings.kafka.bootstrap} did not answer ({type(exc).__name__}: {exc}): is it up "
+            "(`streamscore stack status`)? check the STREAMSCORE_KAFKA__* settings") from exc
+
+
+def _when(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _change(model: str, change_fn: Any) -> None:
+    """Apply one transition through the deployments topic and print one line: what changed, old -> new."""
+    from streamscore.workers.deployments import change_deployment, describe_change
+
+    old, new = _run_deployment(lambda settings: change_deployment(settings, model, change_fn))
+    click.echo(f"{new.changed.what}: {describe_change(old, new)} (seq {new.seq})")
+
+
+@models.command("list")
+@click.argument("model")
+def models_list(model: str) -> None:
+    """Versions in the library: sha256, created, check, deployment stage, description."""
+    from streamscore.workers.deployments import read_deployment, scan_library, topic_of
+    from streamscore.workers.library import ModelError, read_manifest
+
+    settings = _settings()
+    library = scan_library(settings.models_dir, model)
+    state = _run_deployment(lambda settings: read_deployment(settings, model))
+    if not library.versions and state is None:
+        raise click.ClickException(f"no model {model!r} in {settings.models_dir}: register it first")
+    if state is None:
+        click.echo(f"{model}: no deployment recorded in {topic_of(settings, model)}: the newest version serves")
+    else:
+        click.echo(f"{model}: deployment seq {state.seq}, changed {_when(state.changed.at_ms)} by "
+                   f"{state.changed.by}")
+    click.echo(f"{'version':<12} {'stage':<16} {'sha256':<12} {'created':<23} {'check':<6} description")
+    for version in library.versions:
+        folder = Path(settings.models_dir) / model / version
+        if state is not None:
+            stage = state.stage_of(version)
+        else:
+            stage = "production" if version == library.versions[-1] else "-"
+        try:
+            manifest = read_manifest(folder)
+        except ModelError:
+            click.echo(f"{version:<12} {stage:<16} {'-':<12} {'-':<23} {'BAD':<6} invalid manifest")
+            continue
+        made_by = getattr(manifest, "made_by", None)
+        created = getattr(made_by, "created_at_ms", None) or int((folder / "manifest.json").stat().st_mtime * 1000)
+        check = "BAD" if version in library.broken else "ok"
+        text = manifest.description.summary or f"{manifest.description.domain}: {manifest.description.result_kind}"
+        text = text if len(text) <= 60 else text[:57] + "..."
+        click.echo(f"{version:<12} {stage:<16} {manifest.sha256[:12]:<12} {_when(created):<23} {check:<6} {text}")
+    for version in state.serving if state is not None else ():
+        if version not in library.versions:
+            click.echo(f"{version:<12} {state.stage_of(version):<16} {'-':<12} {'-':<23} {'BAD':<6} "
+                       "not in the library")
+
+
+@models.command("show")
+@click.argument("model")
+@click.option("--last", type=click.IntRange(min=1), default=10, show_default=True, help="Changes to list.")
+def models_show(model: str, last: int) -> None:
+    """The deployment state and its last changes (the records of the deployments topic)."""
+    from streamscore.workers.deployments import read_records, topic_of
+    from streamscore.workers.library import versions
+
+    settings = _settings()
+    records = _run_deployment(lambda settings: read_records(settings, model))
+    topic = topic_of(settings, model)
+    state = records[-1].state if records else None
+    if state is None:
+        present = versions(settings.models_dir, model)
+        newest = f"v{present[-1]}" if present else f"nothing: no model {model!r} in {settings.models_dir}"
+        click.echo(f"{model}: no deployment recorded in {topic}; workers serve the newest library version "
+                   f"({newest})")
+    else:
+        click.echo(f"{model}: {state.summary()} (seq {state.seq}, topic {topic})")
+    if records:
+        click.echo(f"last changes, newest first ({len(records)} record(s) in the topic):")
+    for record in reversed(records[-last:]):
+        if record.state is None:
+            click.echo(f"  offset {record.offset:<6} {_when(record.timestamp_ms)}  (tombstone: state deleted)")
+            continue
+        change = record.state.changed
+        click.echo(f"  seq {record.state.seq:<4} {_when(change.at_ms)}  {change.by}  {change.what}")
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version")
+def models_promote(model: str, version: str) -> None:
+    """Make VERSION production (the old production goes onto the history, for rollback)."""
+    from streamscore.workers import deployments
+
+    _change(model, lambda state, library: deployments.promote(state, version, library))
+
+
+@models.command("canary")
+@click.argument("model")
+@click.argument("version")
+@click.option("--weight", type=float, required=True, help="Share of the requests VERSION answers, 0..1.")
+def models_canary(model: str, version: str, weight: float) -> None:
+    """Let VERSION answer a share of the requests (replaces another canary)."""
+    from streamscore.workers import deployments
+
+    _change(model, lambda state, library: deployments.canary(state, version, weight, library))
+
+
+@models.command("shadow")
+@click.argument("model")
+@click.argument("version")
+def models_shadow(model: str, version: str) -> None:
+    """Let VERSION score production's requests in shadow (its predictions are compared, not answered)."""
+    from streamscore.workers import deployments
+
+    _change(model, lambda state, library: deployments.shadow(state, version, library))
+
+
+@models.command("rollback")
+@click.argument("model")
+def models_rollback(model: str) -> None:
+    """Production goes back to the previous production version."""
+    from streamscore.workers import deployments
+
+    _change(model, deployments.rollback)
+
+
+@models.command("retire")
+@click.argument("model")
+@click.argument("version")
+def models_retire(model: str, version: str) -> None:
+    """Take VERSION out of canary, shadow and the rollback history (not production: promote another first)."""
+    from streamscore.workers import deployments
+
+    _change(model, lambda state, library: deployments.retire(state, version, library))
+
+
 # --- features -------------------------------------------------------------------------------------------------
 
 @main.group()
