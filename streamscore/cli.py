@@ -214,6 +214,76 @@ def models() -> None:
 # (the deployment commands and `optimize` are added below this group)
 
 
+@models.command("optimize")
+@click.argument("model")
+@click.argument("version")
+@click.option("--int8", "method", flag_value="int8", help="Int8 weights (ONNX Runtime dynamic quantization).")
+@click.option("--distill", "method", flag_value="distill",
+              help="A smaller student (MLP (8,)) trained on the version's scores over --inputs.")
+@click.option("--inputs", "inputs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Model-input matrix (.npy, float, rows x columns): what --distill trains on, and what the "
+                   "comparison scores. Default for the demo's 'fraud': its seeded training set and held-out set.")
+@click.option("--seed", type=int, default=7, show_default=True, help="'fraud' without --inputs: the demo's seed.")
+@click.option("--n-train", type=click.IntRange(min=100), default=60_000, show_default=True,
+              help="'fraud' without --inputs: rows of the demo's training set (as the demo trains).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the comparison as <model>-<variant>.json and .md into this folder.")
+def models_optimize(model: str, version: str, method: str | None, inputs_file: Path | None, seed: int,
+                    n_train: int, report_dir: Path | None) -> None:
+    """Register an optimized variant of MODEL VERSION (--int8 or --distill) and compare it with its parent."""
+    if method is None:
+        raise click.UsageError("give --int8 or --distill")
+    needs = ("onnx", "sklearn", "skl2onnx") if method == "distill" else ("onnx",)
+    variants = _optional("streamscore.workers.variants", "models optimize", "demo", needs)
+    import numpy as np
+
+    from streamscore.workers.library import ModelError, versions
+
+    settings = _settings()
+    try:
+        variants.parent_of(settings.models_dir, model, version)  # unknown model/version, sha256: before any work
+        train_inputs, holdout, labels = None, None, None
+        if inputs_file is not None:
+            try:
+                train_inputs = holdout = np.load(inputs_file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise click.ClickException(f"{inputs_file}: not a .npy matrix ({exc})") from exc
+        elif model == "fraud":
+            demo = _optional("streamscore_examples.fraud.model", "models optimize fraud (without --inputs)", "demo",
+                             DEMO_NEEDS)
+            if method == "distill":
+                train_inputs, _ = demo.training_set(seed, n_train)
+            holdout, labels = demo.holdout_set(seed)
+        elif method == "distill":
+            raise click.ClickException(f"--distill of {model!r} needs --inputs FILE.npy: the model-input matrix to "
+                                       "train the student on (the manifest does not record its training data)")
+        made = (variants.quantize_int8(settings.models_dir, model, version) if method == "int8"
+                else variants.distill(settings.models_dir, model, version, train_inputs))
+        click.echo(f"registered {model} v{made.version}: {made.made_by.method} of v{made.parent} "
+                   f"(sha256 {made.sha256[:12]}…) in {settings.models_dir / model / made.version}")
+        if versions(settings.models_dir, model)[-1] == made.version:
+            click.echo(f"note: v{made.version} is now the newest version of {model}; a worker serving {model} "
+                       "without a pinned version loads the newest")
+        if holdout is None:
+            click.echo("no comparison: give --inputs FILE.npy to score both versions")
+            return
+        rows = variants.compare(settings.models_dir, model, [version, made.version], holdout, labels)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    what = "the demo's held-out set" if labels is not None else str(inputs_file)
+    click.echo(f"\n{len(holdout)} rows of {what}; ONNX Runtime alone, CPU, 1 intra-op thread:\n")
+    click.echo(variants.markdown_table(rows), nl=False)
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        stem = report_dir / f"{model}-{made.version}"
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"model": model, "parent": version, "variant": made.model_dump(), "compared_on": what,
+             "rows": rows}, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(f"# {model} v{made.version} against v{version}\n\n"
+                                           f"{len(holdout)} rows of {what}.\n\n{variants.markdown_table(rows)}")
+        click.echo(f"wrote {stem}.json and {stem}.md")
+
+
 def _run_deployment(action: Any) -> Any:
     """Run ``action(settings)`` (a coroutine function); a refusal or an unreachable Kafka is one line."""
     from aiokafka.errors import KafkaError

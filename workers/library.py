@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -83,6 +83,20 @@ class Description(BaseModel):
     """Training data, metrics, caveats."""
 
 
+class MadeBy(BaseModel):
+    """How a variant version was made from its parent (``streamscore models optimize``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    """``int8`` (ONNX Runtime's dynamic quantization) or ``distill`` (a smaller student trained on the parent's
+    scores); see ``workers/variants.py``."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The method's settings (JSON values), enough to make the variant again from the same parent and inputs."""
+    created_at_ms: int = Field(ge=0)
+    """When it was made, Unix epoch milliseconds."""
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -104,6 +118,10 @@ class Manifest(BaseModel):
     description: Description
     stages: tuple[StageSpec, ...] = ()
     """Pipeline stages of the model's own, by registered name (workers/stages.py), e.g. a decision rule."""
+    parent: str | None = None
+    """A variant's parent: the version of the same model it was made from (None: trained, not derived)."""
+    made_by: MadeBy | None = None
+    """A variant's making: method, its parameters and when (None for a version that is not a variant)."""
 
     @model_validator(mode="after")
     def _names(self) -> Manifest:
@@ -116,6 +134,8 @@ class Manifest(BaseModel):
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", self.artifact) or self.artifact in (".", ".."):
             raise ValueError(f"artifact {self.artifact!r}: a file name in the version folder (letters, digits, "
                              "'.', '_', '-')")
+        if self.parent == self.version:
+            raise ValueError(f"version {self.version!r} names itself as its parent")
         return self
 
     @property

@@ -56,17 +56,30 @@ def _classifier(seed: int, max_iter: int) -> MLPClassifier:
                          max_iter=max_iter, tol=1e-4, n_iter_no_change=10, random_state=seed)
 
 
-def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300) -> Pipeline:
-    """Train StandardScaler + MLP on ``n_train`` labelled transactions (float32 features, as served)."""
+def training_set(seed: int, n_train: int = 60_000) -> tuple[np.ndarray, np.ndarray]:
+    """The model-input matrix (float32, n_train x 14) and 0/1 labels ``train(seed, n_train)`` fits on."""
     rows = generate_feature_rows(seed)
     transactions = generate_transactions(rows, n_train, seed + TRAIN_OFFSET)
+    return feature_matrix(transactions, rows), labels(transactions)
+
+
+def holdout_set(seed: int, n: int = N_HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` fresh labelled transactions (seed ``seed + HOLDOUT_OFFSET``) against the same rows: inputs, labels."""
+    rows = generate_feature_rows(seed)
+    transactions = generate_transactions(rows, n, seed + HOLDOUT_OFFSET)
+    return feature_matrix(transactions, rows), labels(transactions)
+
+
+def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300) -> Pipeline:
+    """Train StandardScaler + MLP on ``n_train`` labelled transactions (float32 features, as served)."""
+    features, targets = training_set(seed, n_train)
     pipeline = make_pipeline(StandardScaler(), _classifier(seed, max_iter))
     started = time.perf_counter()
     with warnings.catch_warnings():
         # A model capped by max_iter (small test runs) is still a valid model to export and compare; the
         # log line below says so instead of failing the run.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        pipeline.fit(feature_matrix(transactions, rows), labels(transactions))
+        pipeline.fit(features, targets)
     classifier = pipeline[-1]
     log.info("trained fraud MLP on %d transactions in %.1f s (%d epochs%s)", n_train,
              time.perf_counter() - started, classifier.n_iter_,
@@ -76,9 +89,8 @@ def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300) -> Pipeline:
 
 def holdout_auc(pipeline: Pipeline, seed: int, n: int = N_HOLDOUT) -> float:
     """ROC AUC on ``n`` fresh transactions (seed ``seed + HOLDOUT_OFFSET``) against the same rows."""
-    rows = generate_feature_rows(seed)
-    transactions = generate_transactions(rows, n, seed + HOLDOUT_OFFSET)
-    return float(roc_auc_score(labels(transactions), offline_scores(pipeline, feature_matrix(transactions, rows))))
+    features, targets = holdout_set(seed, n)
+    return float(roc_auc_score(targets, offline_scores(pipeline, features)))
 
 
 def offline_scores(pipeline: Pipeline, features: np.ndarray) -> np.ndarray:
