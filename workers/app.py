@@ -33,7 +33,8 @@ from streamscore.streams.watchdog import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED, Wa
 from streamscore.workers.metrics import WorkerMetrics
 
 from .deadletters import DeadLetters
-from .library import ModelError, versions
+from .deployments import read_deployment
+from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
 from .runtime import ModelRuntime, load_model
 from .stages import import_stage_modules
@@ -59,6 +60,8 @@ class ModelScorer:
         self.pending_model: ModelRuntime | None = None
         """A newer version, loaded and verified; swapped in between two batches."""
         self._refused: set[tuple[str, float]] = set()
+        self.refusal: str | None = None
+        """Why the version the worker should serve was refused (shown at /status), None when it is served."""
 
     @property
     def letters(self) -> DeadLetters:
@@ -110,24 +113,28 @@ class ModelScorer:
         self.metrics.serve_model(model.name, model.version, model.manifest.sha256, model.provider)
 
     async def look_for_new_version(self, settings: Settings, views: dict[str, FeatureView]) -> None:
-        """Load the library's newest version if it is not the one served. One that fails its checks (sha256
-        mismatch, bad manifest) is refused, logged once, and the current version keeps serving."""
+        """Load the version the worker should serve if it is not the one served: the deployment's production
+        version (``streamscore models promote/rollback``), or without a deployment the library's newest version
+        that is not a variant. One that fails its checks (missing, sha256 mismatch, bad manifest) is refused,
+        logged once, and the current version keeps serving."""
         current = self.pipeline.model
-        available = versions(settings.models_dir, current.name)
-        if not available or available[-1] == current.version or self.pending_model is not None:
+        wanted = await wanted_version(settings, current.name)
+        if wanted is None or wanted == current.version or self.pending_model is not None:
             return
-        newest = available[-1]
-        folder = settings.models_dir / current.name / newest
-        stamp = (newest, max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0))
+        folder = settings.models_dir / current.name / wanted
+        stamp = (wanted, max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0)
+                 if folder.is_dir() else 0.0)
         if stamp in self._refused:
             return
         loop = asyncio.get_running_loop()
         try:
             self.pending_model = await loop.run_in_executor(
-                None, lambda: load_model(settings.models_dir, current.name, views, settings.worker, newest))
+                None, lambda: load_model(settings.models_dir, current.name, views, settings.worker, wanted))
+            self.refusal = None
         except ModelError as exc:
             self._refused.add(stamp)
-            log.error("%s: refusing v%s, still serving v%s: %s", current.name, newest, current.version, exc)
+            self.refusal = f"refusing v{wanted}, still serving v{current.version}: {exc}"
+            log.error("%s: %s", current.name, self.refusal)
 
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
         """Run the pipeline, trying again on failure; a batch that keeps failing is split to find the messages
@@ -166,6 +173,20 @@ class ModelScorer:
         if message[0] in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):  # a plain tuple, often
             return None
         return self.letters.undeliverable(message, error)
+
+
+async def wanted_version(settings: Settings, model: str) -> str | None:
+    """The version a worker should serve: the deployment's production version when the model has a deployment
+    (a deployment that cannot be read leaves it to the library, and says so), else the newest version of the
+    library that is not a variant (None: let the library say what is missing)."""
+    try:
+        state = await asyncio.wait_for(read_deployment(settings, model), 10.0)
+    except Exception as exc:
+        log.warning("%s: the deployment could not be read (%r); serving by the library", model, exc)
+        state = None
+    if state is not None and state.production is not None:
+        return state.production
+    return newest_primary(settings.models_dir, model)
 
 
 def _acknowledged(flight: Flight, published: asyncio.Future) -> None:
@@ -222,7 +243,8 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     channels: dict[str, Any] = {}
     metrics = WorkerMetrics()
     for name in model_names:
-        runtime = load_model(settings.models_dir, name, views, settings.worker)
+        runtime = load_model(settings.models_dir, name, views, settings.worker,
+                             asyncio.run(wanted_version(settings, name)))
         pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes)
         pipeline.add_from_manifest(metrics.registry)
         if customize is not None:
@@ -363,6 +385,7 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: Fe
                                 "model_version": agent.pipeline.model.version,
                                 "artifact_sha256": agent.pipeline.model.manifest.sha256,
                                 "provider": agent.pipeline.model.provider, "last_timings_us": agent.last_timings,
+                                "stages": agent.pipeline.stage_names, "version_refused": agent.refusal,
                                 "feature_store": _store_counters(agent.pipeline.store)}
                          for name, agent in agents.items()})
 

@@ -53,7 +53,7 @@ from streamscore.streams import topics
 from streamscore.streams.clock import now_ms
 from streamscore.streams.kafka import client_kwargs
 
-from .library import ModelError, read_manifest, verified_artifact, versions
+from .library import ModelError, newest_primary, read_manifest, verified_artifact, versions
 
 HISTORY_MAX = 20
 """Previous production versions kept for rollback (the oldest drop off)."""
@@ -269,8 +269,10 @@ def implicit(model: str, library: Library) -> Deployment:
     if not library.versions:
         place = f" in {library.where}" if library.where else ""
         raise DeploymentError(f"no model {model!r}{place}: register it first (streamscore demo does for 'fraud')")
-    return Deployment(model=model, production=library.versions[-1], seq=0,
-                      changed=Change(by="-", at_ms=0, what="implicit: the newest version in the library"))
+    production = (newest_primary(Path(library.where), model) if library.where else None) or library.versions[-1]
+    return Deployment(model=model, production=production, seq=0,
+                      changed=Change(by="-", at_ms=0, what="implicit: the newest version in the library "
+                                                           "that is not a variant"))
 
 
 def check_serving(state: Deployment, library: Library) -> None:

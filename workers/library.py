@@ -213,12 +213,25 @@ def versions(models_dir: Path, model: str) -> list[str]:
     return sorted(found, key=_version_key)
 
 
+def newest_primary(models_dir: Path, model: str) -> str | None:
+    """The newest version that is not a variant of another (no ``parent``): what a worker serves when no
+    deployment names a production version. Variants (``models optimize``) are served only when deployed."""
+    for version in reversed(versions(models_dir, model)):
+        try:
+            manifest = json.loads((Path(models_dir) / model / version / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return version  # unreadable: loading it says why
+        if not isinstance(manifest, dict) or not manifest.get("parent"):
+            return version
+    return None
+
+
 def version_dir(models_dir: Path, model: str, version: str | None = None) -> Path:
-    """Folder of one version (the newest when version is None)."""
+    """Folder of one version (the newest that is not a variant when version is None)."""
     available = versions(models_dir, model)
     if not available:
         raise ModelError(f"no model {model!r} in {models_dir}: register it first (streamscore demo does for 'fraud')")
-    chosen = available[-1] if version is None else version
+    chosen = (newest_primary(models_dir, model) or available[-1]) if version is None else version
     if chosen not in available:
         raise ModelError(f"model {model!r} has no version {chosen!r}; available: {available}")
     return Path(models_dir) / model / chosen

@@ -372,3 +372,44 @@ def test_the_manifests_decision_stage_labels_every_prediction_and_counts_them(de
         metrics = response.read().decode()
     assert 'streamscore_decisions_total{decision="approve",model="fraud"}' in metrics
     assert 'streamscore_stage_seconds_count{model="fraud",stage="decision"}' in metrics
+
+
+def test_the_worker_follows_the_deployment_and_never_serves_a_variant_by_itself(deployment: Deployment) -> None:
+    """After the tampered-version test (the worker serves v2): a variant (a manifest naming a parent) is not
+    served until deployed; `models promote` and `models rollback` move the worker between batches."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    library = deployment.settings.models_dir / MODEL
+    served = _served_version(deployment)
+    shutil.copytree(library / served, library / "9-int8")
+    manifest = json.loads((library / "9-int8" / "manifest.json").read_text())
+    (library / "9-int8" / "manifest.json").write_text(json.dumps({**manifest, "version": "9-int8",
+                                                                    "parent": served}))
+    time.sleep(3)  # three reload checks: the newest folder is a variant, not served without a deployment
+    assert _served_version(deployment) == served
+
+    def models(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "streamscore", "models", *args], capture_output=True,
+                              text=True, env={**os.environ, **deployment.env}, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def seconds_until_served(version: str) -> float:
+        started = time.monotonic()
+        while _served_version(deployment) != version:
+            assert time.monotonic() - started < 30, f"v{version} not served 30 s after the change"
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    other = "1" if served != "1" else "2"
+    models("promote", MODEL, other)
+    promoted = seconds_until_served(other)
+    models("rollback", MODEL)
+    rolled_back = seconds_until_served(served)
+    print(f"promote -> served in {promoted:.1f} s, rollback -> served in {rolled_back:.1f} s")
+    shown = models("show", MODEL)
+    assert "rollback" in shown and "promote" in shown, shown
