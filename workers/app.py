@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -37,7 +38,7 @@ from .deployments import read_deployment
 from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
 from .runtime import ModelRuntime, load_model
-from .stages import import_stage_modules
+from .stages import Serving, import_stage_modules
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ class ModelScorer:
         self.batches = 0
         self.requests_per_batch = 0.0
         self.last_timings: dict[str, int] = {}
-        self.pending_model: ModelRuntime | None = None
-        """A newer version, loaded and verified; swapped in between two batches."""
-        self._refused: set[tuple[str, float]] = set()
+        self.pending_serving: Serving | None = None
+        """What to serve next (a new production version, a canary), loaded and verified; swapped in between two
+        batches."""
+        self._refused: set[tuple[Wanted, tuple[float, ...]]] = set()
         self.refusal: str | None = None
         """Why the version the worker should serve was refused (shown at /status), None when it is served."""
 
@@ -93,10 +95,11 @@ class ModelScorer:
             log.exception("counting a batch failed")
 
     def _swap_in_pending_model(self) -> None:
-        if self.pending_model is not None:
-            previous, self.pipeline.model, self.pending_model = self.pipeline.model, self.pending_model, None
-            log.warning("%s: now serving v%s (sha256 %s…), was v%s", previous.name, self.pipeline.model.version,
-                        self.pipeline.model.manifest.sha256[:12], previous.version)
+        if self.pending_serving is not None:
+            previous, self.pipeline.serving, self.pending_serving = self.pipeline.serving, self.pending_serving, None
+            now = self.pipeline.serving
+            log.warning("%s: now serving %s (sha256 %s…), was %s", now.production.name,
+                        _describe(_served(now)), now.production.manifest.sha256[:12], _describe(_served(previous)))
             self.report_model()
 
     def _count(self, flight: Flight, outcome: BatchOutcome) -> None:
@@ -113,28 +116,42 @@ class ModelScorer:
         self.metrics.serve_model(model.name, model.version, model.manifest.sha256, model.provider)
 
     async def look_for_new_version(self, settings: Settings, views: dict[str, FeatureView]) -> None:
-        """Load the version the worker should serve if it is not the one served: the deployment's production
-        version (``streamscore models promote/rollback``), or without a deployment the library's newest version
-        that is not a variant. One that fails its checks (missing, sha256 mismatch, bad manifest) is refused,
-        logged once, and the current version keeps serving."""
-        current = self.pipeline.model
-        wanted = await wanted_version(settings, current.name)
-        if wanted is None or wanted == current.version or self.pending_model is not None:
+        """Load what the worker should serve if it is not what it serves: the deployment's production version
+        and canary (``streamscore models promote/canary/rollback``), or without a deployment the library's
+        newest version that is not a variant. A version that fails its checks (missing, sha256 mismatch, bad
+        manifest, a canary that reads other inputs than production) is refused, logged once, and what is
+        served keeps serving. The swap happens between two batches."""
+        serving = self.pipeline.serving
+        name = serving.production.name
+        wanted = await wanted_serving(settings, name)
+        if wanted is None or self.pending_serving is not None:
             return
-        folder = settings.models_dir / current.name / wanted
-        stamp = (wanted, max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0)
-                 if folder.is_dir() else 0.0)
+        have = (serving.production.version, serving.canary.version if serving.canary else None, serving.weight)
+        if wanted == have:
+            return
+        stamp = (wanted, _folder_stamp(settings.models_dir / name, [v for v in wanted[:2] if v]))
         if stamp in self._refused:
             return
-        loop = asyncio.get_running_loop()
+        loaded = {runtime.version: runtime for runtime in (serving.production, serving.canary) if runtime}
+
+        def load(version: str) -> ModelRuntime:
+            return loaded[version] if version in loaded else load_model(settings.models_dir, name, views,
+                                                                        settings.worker, version)
+
+        production_version, canary_version, weight = wanted
         try:
-            self.pending_model = await loop.run_in_executor(
-                None, lambda: load_model(settings.models_dir, current.name, views, settings.worker, wanted))
-            self.refusal = None
+            production = await asyncio.get_running_loop().run_in_executor(None, load, production_version)
+            canary = None
+            if canary_version is not None:
+                canary = await asyncio.get_running_loop().run_in_executor(None, load, canary_version)
+                _same_inputs(production, canary)
         except ModelError as exc:
             self._refused.add(stamp)
-            self.refusal = f"refusing v{wanted}, still serving v{current.version}: {exc}"
-            log.error("%s: %s", current.name, self.refusal)
+            self.refusal = f"refusing {_describe(wanted)}, still serving {_describe(have)}: {exc}"
+            log.error("%s: %s", name, self.refusal)
+            return
+        self.refusal = None
+        self.pending_serving = Serving(production, canary, weight if canary is not None else 0.0)
 
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
         """Run the pipeline, trying again on failure; a batch that keeps failing is split to find the messages
@@ -173,6 +190,52 @@ class ModelScorer:
         if message[0] in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):  # a plain tuple, often
             return None
         return self.letters.undeliverable(message, error)
+
+
+Wanted = tuple[str, str | None, float]
+"""(production version, canary version or None, canary weight)."""
+
+
+async def wanted_serving(settings: Settings, model: str) -> Wanted | None:
+    """What a worker should serve: the deployment's production and canary, or the library's newest version
+    that is not a variant without a deployment (None: nothing to serve; the library says why)."""
+    try:
+        state = await asyncio.wait_for(read_deployment(settings, model), 10.0)
+    except Exception as exc:
+        log.warning("%s: the deployment could not be read (%r); serving what is served", model, exc)
+        return None
+    if state is not None and state.production is not None:
+        canary = state.canary
+        return state.production, canary.version if canary else None, canary.weight if canary else 0.0
+    newest = newest_primary(settings.models_dir, model)
+    return None if newest is None else (newest, None, 0.0)
+
+
+def _served(serving: Serving) -> Wanted:
+    return serving.production.version, serving.canary.version if serving.canary else None, serving.weight
+
+
+def _describe(wanted: Wanted) -> str:
+    production, canary, weight = wanted
+    return f"v{production}" + (f" with canary v{canary} at weight {weight:g}" if canary else "")
+
+
+def _folder_stamp(model_dir: Path, wanted: list[str]) -> tuple[float, ...]:
+    """When the wanted versions' folders last changed: a refused version is looked at again once it changes."""
+    stamps = []
+    for version in wanted:
+        folder = model_dir / version
+        stamps.append(max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0)
+                      if folder.is_dir() else 0.0)
+    return tuple(stamps)
+
+
+def _same_inputs(production: ModelRuntime, canary: ModelRuntime) -> None:
+    """Versions scored in one batch share its decoding and its feature fetch: they must read the same inputs."""
+    if canary.decode_spec != production.decode_spec or [v.name for v in canary.views] != \
+            [v.name for v in production.views] or canary.columns != production.columns:
+        raise ModelError(f"canary v{canary.version} reads other inputs than production v{production.version} "
+                         "(request features, views or column order): deploy it as production after testing it")
 
 
 async def wanted_version(settings: Settings, model: str) -> str | None:

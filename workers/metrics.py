@@ -34,6 +34,9 @@ class WorkerMetrics:
                                 ["model", "status"], registry=self.registry)
         self.dead_letters = Counter("streamscore_dead_letters", "Dead letters published, by model and reason",
                                     ["model", "kind"], registry=self.registry)
+        self.by_version = Counter("streamscore_predictions_by_version", "Predictions published, by model and the "
+                                  "version that made them (production, canary, pinned)", ["model", "version"],
+                                  registry=self.registry)
         self.batch_size = Histogram("streamscore_batch_messages", "Messages per batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.stage_seconds = Histogram("streamscore_stage_seconds", "Time per batch and pipeline stage",
@@ -50,6 +53,8 @@ class WorkerMetrics:
         for status, count in (("ok", ok), ("expired", outcome.expired), ("error", outcome.errored)):
             if count:
                 self.requests.labels(model, status).inc(count)
+        for version, count in getattr(outcome, "by_version", {}).items():
+            self.by_version.labels(model, version).inc(count)
         for letter in outcome.dead_letters:
             kind = dict(letter[3] or ()).get("streamscore-error-kind", b"unknown").decode()
             self.dead_letters.labels(model, kind).inc()

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from streamscore import __version__
@@ -25,7 +25,21 @@ from streamscore.streams.records import Inbound, Outbound
 
 from .deadletters import DeadLetters
 from .runtime import ModelRuntime
-from .stages import ERROR, EXPIRED, Assemble, Decode, Encode, Features, Infer, ScoringBatch, Screen, Stage, place
+from .stages import (
+    ERROR,
+    EXPIRED,
+    Assemble,
+    Decode,
+    Encode,
+    Features,
+    Infer,
+    Route,
+    ScoringBatch,
+    Screen,
+    Serving,
+    Stage,
+    place,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -45,6 +59,8 @@ class BatchOutcome:
     """Microseconds per stage, by stage name."""
     errored: int = 0
     """Of which status ``error`` (the model failed on the batch)."""
+    by_version: dict[str, int] = field(default_factory=dict)
+    """Predictions made, by the version that made them."""
 
 
 def code_version() -> str:
@@ -59,8 +75,8 @@ def code_version() -> str:
 
 def default_stages(store: FeatureStore, topic_prefix: str, model_name: str,
                    reply_to_prefixes: Sequence[str] | None, lineage: Lineage) -> list[Stage]:
-    """The built-in pipeline: decode -> screen -> features -> assemble -> infer -> encode."""
-    return [Decode(), Screen(topic_prefix, reply_to_prefixes), Features(store), Assemble(), Infer(),
+    """The built-in pipeline: decode -> screen -> route -> features -> assemble -> infer -> encode."""
+    return [Decode(), Screen(topic_prefix, reply_to_prefixes), Route(), Features(store), Assemble(), Infer(),
             Encode(topics.predictions(topic_prefix, model_name), lineage)]
 
 
@@ -88,7 +104,7 @@ class BatchPipeline:
     def __init__(self, model: ModelRuntime, store: FeatureStore, topic_prefix: str,
                  worker_id: str | None = None, reply_to_prefixes: Sequence[str] | None = None,
                  stages: Sequence[Stage] | None = None) -> None:
-        self.model = model
+        self.serving = Serving(model)
         self.store = store
         self.prefix = topic_prefix
         self.predictions_topic = topics.predictions(topic_prefix, model.name)
@@ -97,6 +113,15 @@ class BatchPipeline:
         self.lineage = Lineage(self, worker_id or f"{socket.gethostname()}:{os.getpid()}")
         self.stages: list[Stage] = list(stages) if stages is not None else default_stages(
             store, topic_prefix, model.name, reply_to_prefixes, self.lineage)
+
+    @property
+    def model(self) -> ModelRuntime:
+        """The production version."""
+        return self.serving.production
+
+    @model.setter
+    def model(self, runtime: ModelRuntime) -> None:
+        self.serving = Serving(runtime)
 
     @property
     def worker_id(self) -> str:
@@ -118,7 +143,8 @@ class BatchPipeline:
         return [stage.name for stage in self.stages]
 
     async def process(self, batch: Sequence[Inbound]) -> BatchOutcome:
-        scoring = ScoringBatch(batch, self.model, now_ms(), self.letters)
+        serving = self.serving
+        scoring = ScoringBatch(batch, serving.production, now_ms(), self.letters, serving=serving)
         timings = scoring.timings_us
         last = time.perf_counter_ns()
         for stage in self.stages:
@@ -129,4 +155,5 @@ class BatchPipeline:
         status = scoring.status
         return BatchOutcome(scoring.predictions, scoring.dead_letters, answered=len(scoring.predictions),
                             expired=int((status == EXPIRED).sum()), timings_us=timings,
-                            errored=int((status == ERROR).sum()))
+                            errored=int((status == ERROR).sum()),
+                            by_version=scoring.context.get("answered_by_version", {}))

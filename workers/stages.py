@@ -5,7 +5,10 @@ A stage is anything with a ``name`` and an async ``__call__(batch)`` that reads 
 prediction's ``timings_us``, in ``/metrics`` and in the worker's log). The built-in stages are stages like any
 other::
 
-    decode -> screen -> features -> assemble -> infer -> encode
+    decode -> screen -> route -> features -> assemble -> infer -> encode
+
+(``route`` picks the version that scores each request: production, the deployment's canary by a stable hash
+of the primary entity key, or a pinned version; ``infer`` and ``encode`` run once per version.)
 
 A stage of your own goes anywhere in that list: from the model's manifest (``"stages": [{"stage":
 "threshold_decision", "after": "infer", "params": {...}}]``, by a name registered here with
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -59,6 +63,24 @@ UNKNOWN_VERSION = "unknown_version"
 BAD_FIELD = "bad_field"
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The versions a model's pipeline serves: production, and a canary taking ``weight`` of the requests by a
+    stable hash of their primary entity key (the same card always meets the same version). A request's
+    ``version`` field pins either of them."""
+
+    production: ModelRuntime
+    canary: ModelRuntime | None = None
+    weight: float = 0.0
+
+    @property
+    def versions(self) -> dict[str, ModelRuntime]:
+        served = {self.production.version: self.production}
+        if self.canary is not None:
+            served[self.canary.version] = self.canary
+        return served
+
+
 @dataclass
 class ScoringBatch:
     """The batch being processed, as every stage sees it. Row-wise arrays have one entry per decoded request
@@ -87,6 +109,11 @@ class ScoringBatch:
     timings_us: dict[str, int] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     """Free room for stages to pass things on."""
+    serving: Serving | None = None
+    """The versions served (production only when None)."""
+    route: np.ndarray | None = None
+    """Per row: index into ``routed`` of the version that scores it; None when production scores every row."""
+    routed: list[ModelRuntime] = field(default_factory=list)
 
     @property
     def live(self) -> np.ndarray:
@@ -147,15 +174,46 @@ class Screen:
         rows = len(decoded)
         if decoded.version.count(None) == rows and decoded.reply_to.count(None) == rows:
             return  # the usual batch: no Python loop over its requests
-        served = batch.model.version
+        served = batch.serving.versions if batch.serving is not None else {batch.model.version: batch.model}
         for row, (version, reply_to) in enumerate(zip(decoded.version, decoded.reply_to, strict=True)):
-            if version is not None and version != served:
-                batch.reject([row], UNKNOWN_VERSION, f"version {version!r} is pinned but this worker serves "
-                                                     f"{batch.model.name} v{served}")
+            if version is not None and version not in served:
+                batch.reject([row], UNKNOWN_VERSION, f"version {version!r} is pinned but {batch.model.name} is "
+                                                     f"deployed as {sorted(served)}")
             elif reply_to is not None:
                 refusal = reply_to_refusal(reply_to, self.reply_to_prefixes)
                 if refusal is not None:
                     batch.reject([row], BAD_FIELD, refusal)
+
+
+class Route:
+    """Which version scores each request: a pinned ``version`` (a deployed one), else the canary for the share
+    ``weight`` of the hash space of the primary entity key (crc32 of its UTF-8, or of the request id when the
+    model reads no view), else production. Nothing to do (and no per-request work) without a canary or a pin."""
+
+    name = "route"
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        decoded, serving = batch.decoded, batch.serving
+        assert decoded is not None
+        pinned = decoded.version.count(None) != len(decoded)
+        if serving is None or (serving.canary is None and not pinned):
+            return
+        routed = [serving.production] + ([serving.canary] if serving.canary is not None else [])
+        route = np.zeros(len(decoded), dtype=np.int8)
+        if serving.canary is not None and len(decoded):
+            route[canary_share(decoded.entities[0] if decoded.entities else decoded.ids, serving.weight)] = 1
+        if pinned:
+            index = {runtime.version: position for position, runtime in enumerate(routed)}
+            for row, version in enumerate(decoded.version):
+                if version is not None and version in index:
+                    route[row] = index[version]
+        batch.route, batch.routed = route, routed
+
+
+def canary_share(keys: Sequence[str], weight: float) -> np.ndarray:
+    """Mask of the keys whose stable hash falls in the first ``weight`` of the hash space."""
+    hashes = np.fromiter((zlib.crc32(key.encode()) for key in keys), dtype=np.uint64, count=len(keys))
+    return hashes < np.uint64(int(weight * (1 << 32)))
 
 
 class Features:
@@ -203,20 +261,31 @@ class Infer:
         if batch.inputs is None:
             return
         live = batch.scored_rows
-        try:
-            scored = batch.model.run(batch.inputs)
-        except Exception as exc:
-            log.exception("inference failed for a batch of %d requests", len(live))
-            batch.error = ("inference_failed", f"{type(exc).__name__}: {exc}")
-            batch.status[live[batch.status[live] == OK]] = ERROR
+        if batch.route is None:
+            self._score(batch, batch.model, batch.inputs, live)
             return
-        rows = len(batch.status)
+        routes = batch.route[live]
+        for position, runtime in enumerate(batch.routed):  # one runtime call per version
+            mine = routes == position
+            if mine.any():
+                self._score(batch, runtime, batch.inputs[mine], live[mine])
+
+    @staticmethod
+    def _score(batch: ScoringBatch, runtime: ModelRuntime, inputs: np.ndarray, rows: np.ndarray) -> None:
+        try:
+            scored = runtime.run(inputs)
+        except Exception as exc:
+            log.exception("inference failed for %d requests (v%s)", len(rows), runtime.version)
+            batch.error = ("inference_failed", f"{type(exc).__name__}: {exc}")
+            batch.status[rows[batch.status[rows] == OK]] = ERROR
+            return
         for name, values in scored.items():
-            if len(values) != len(live):  # one output row per input row, or the batch is not answered
-                raise ValueError(f"the model returned {len(values)} rows of {name!r} for {len(live)} inputs")
-            full = np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
-            full[live] = values
-            batch.outputs[name] = full
+            if len(values) != len(rows):  # one output row per input row, or the batch is not answered
+                raise ValueError(f"the model returned {len(values)} rows of {name!r} for {len(rows)} inputs")
+            full = batch.outputs.get(name)
+            if full is None:
+                full = batch.outputs[name] = np.zeros((len(batch.status), *values.shape[1:]), dtype=values.dtype)
+            full[rows] = values
 
 
 class Encode:
@@ -231,14 +300,24 @@ class Encode:
     async def __call__(self, batch: ScoringBatch) -> None:
         decoded = batch.decoded
         assert decoded is not None
-        prediction_batch = _prediction_batch(batch, self.lineage())
-        encoded = fastpath.encode_predictions(prediction_batch, now_ms())
+        answered = batch.status != NOT_ANSWERED
+        lineage = self.lineage()
+        if batch.route is None:
+            groups = [(batch.model, answered)]
+        else:  # one encode call per version: each prediction names the version (and artifact) that scored it
+            groups = [(runtime, answered & (batch.route == position)) for position, runtime in enumerate(batch.routed)]
         default_topic, reply_to = self.predictions_topic, decoded.reply_to
-        # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
-        batch.predictions = [
-            (reply_to[row] or default_topic, request_id.encode(), value, None)
-            for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True)
-        ]
+        for runtime, mask in groups:
+            if batch.route is not None and not mask.any():
+                continue
+            prediction_batch = _prediction_batch(batch, {**lineage, "artifact_sha256": runtime.manifest.sha256},
+                                                 np.flatnonzero(mask), runtime)
+            encoded = fastpath.encode_predictions(prediction_batch, now_ms())
+            # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
+            batch.predictions.extend(
+                (reply_to[row] or default_topic, request_id.encode(), value, None)
+                for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True))
+            batch.context.setdefault("answered_by_version", {})[runtime.version] = len(prediction_batch.rows)
 
 
 @dataclass
@@ -247,10 +326,10 @@ class _RowsBatch(fastpath.PredictionBatch):
     """Decoded row of each prediction."""
 
 
-def _prediction_batch(batch: ScoringBatch, lineage: dict[str, object]) -> _RowsBatch:
-    decoded, status, model = batch.decoded, batch.status, batch.model
+def _prediction_batch(batch: ScoringBatch, lineage: dict[str, object], rows: np.ndarray,
+                      model: ModelRuntime) -> _RowsBatch:
+    decoded, status = batch.decoded, batch.status
     assert decoded is not None
-    rows = np.flatnonzero(status != NOT_ANSWERED)
     row_list = rows.tolist()
     feature_ts = {view.name: np.zeros(len(decoded), dtype=np.int64) for view in model.views}
     degraded = _degraded(batch, feature_ts)

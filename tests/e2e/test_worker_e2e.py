@@ -413,3 +413,45 @@ def test_the_worker_follows_the_deployment_and_never_serves_a_variant_by_itself(
     print(f"promote -> served in {promoted:.1f} s, rollback -> served in {rolled_back:.1f} s")
     shown = models("show", MODEL)
     assert "rollback" in shown and "promote" in shown, shown
+
+
+def test_a_canary_serves_its_share_by_entity_hash_and_pins_reach_their_version(deployment: Deployment) -> None:
+    """After the deployment test: `models canary` routes by a stable hash of the card id, exactly as
+    canary_share computes it; a pinned version is served by that version; `models retire` ends the canary."""
+    import os
+    import subprocess
+    import sys
+
+    from streamscore.workers.stages import canary_share
+
+    def models(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "streamscore", "models", *args], capture_output=True,
+                              text=True, env={**os.environ, **deployment.env}, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    production = _served_version(deployment)
+    canary = "1" if production != "1" else "2"
+    models("canary", MODEL, canary, "--weight", "0.5")
+    deadline = time.monotonic() + 30
+    while True:  # until the worker took the canary: a card hashed onto it is answered by it
+        run = uuid.uuid4().hex[:6]
+        probe_card = next(f"card-{i}" for i in range(300) if canary_share([f"card-{i}"], 0.5)[0])
+        probe = request(f"probe-{run}", probe_card, "merchant-1")
+        asyncio.run(_produce(deployment, [probe]))
+        if _predictions_for(deployment, {probe["id"]})[0]["version"] == canary:
+            break
+        assert time.monotonic() < deadline, "the canary was not taken within 30 s"
+
+    run = uuid.uuid4().hex[:6]
+    cards = [f"card-{i % 300}" for i in range(600)]
+    requests = [request(f"can-{run}-{i}", card, "merchant-2") for i, card in enumerate(cards)]
+    pinned = request(f"pin-{run}", "card-1", "merchant-2", version=canary)
+    asyncio.run(_produce(deployment, [*requests, pinned]))
+    predictions = {p["id"]: p for p in _predictions_for(deployment, {r["id"] for r in [*requests, pinned]})}
+
+    expected = ["canary" if on else "production" for on in canary_share(cards, 0.5)]
+    observed = ["canary" if predictions[r["id"]]["version"] == canary else "production" for r in requests]
+    assert observed == expected
+    assert 0.35 < expected.count("canary") / len(expected) < 0.65
+    assert predictions[pinned["id"]]["version"] == canary
+    models("retire", MODEL, canary)

@@ -71,7 +71,7 @@ def test_the_built_in_stages_run_in_order_and_each_is_timed() -> None:
     scoring = pipeline()
     outcome = asyncio.run(scoring.process([message("a", 0.25), message("b", 0.75)]))
 
-    assert scoring.stage_names == ["decode", "screen", "features", "assemble", "infer", "encode"]
+    assert scoring.stage_names == ["decode", "screen", "route", "features", "assemble", "infer", "encode"]
     assert list(outcome.timings_us) == scoring.stage_names
     assert [(p["id"], p["status"], p["outputs"]["score"]) for p in predictions(outcome)] == [
         ("a", "ok", 0.25), ("b", "ok", 0.75)]
@@ -106,8 +106,8 @@ def test_stages_of_ones_own_are_placed_by_name_timed_and_seen_in_the_outputs() -
         {"id": "e0", "features": {"amount": 1.0}}, {"id": "e1", "features": {"amount": -2.0}}]), b"k", "t", 0, 8)]
     outcome = asyncio.run(scoring.process(batch))
 
-    assert scoring.stage_names == ["decode", "screen", "no-negatives", "features", "assemble", "infer", "double",
-                                   "encode"]
+    assert scoring.stage_names == ["decode", "screen", "route", "no-negatives", "features", "assemble", "infer",
+                                   "double", "encode"]
     assert set(outcome.timings_us) == set(scoring.stage_names)
     assert {p["id"]: p["outputs"]["score"] for p in predictions(outcome)} == {"a": 0.5, "e0": 2.0}
     letters = {dict(letter.headers)["streamscore-request-id"]: dict(letter.headers) for letter in outcome.dead_letters}
@@ -191,3 +191,39 @@ def test_registered_stages_can_be_named_by_manifests() -> None:
 def test_decision_stage_refuses_unsorted_thresholds() -> None:
     with pytest.raises(ValueError, match="ascending"):
         ThresholdDecision("s", [0.7, 0.3], ["a", "b", "c"])
+
+
+def test_a_canary_takes_its_weight_by_a_stable_hash_of_the_primary_key_and_pins_are_honoured() -> None:
+    from streamscore.workers.stages import Serving, canary_share
+
+    spec = fastpath.DecodeSpec(("card_id",), (fastpath.RequestFeature("amount"),))
+    production = TinyRuntime(version="1", decode_spec=spec)
+    canary = TinyRuntime(version="2", decode_spec=spec, manifest=SimpleNamespace(sha256="cd" * 32, stages=()))
+
+    class Views:
+        async def fetch(self, view_names: list[str], entity_columns: list[list[str]]) -> list[Any]:
+            return []
+
+    scoring = BatchPipeline(production, Views(), "p", worker_id="w")  # type: ignore[arg-type]
+    scoring.serving = Serving(production, canary, 0.3)
+    cards = [f"card-{i}" for i in range(20_000)]
+    batch = [Inbound(msgpack.packb({"id": f"r{i}", "entities": {"card_id": card}, "features": {"amount": 1.0}}))
+             for i, card in enumerate(cards)]
+    batch.append(Inbound(msgpack.packb({"id": "pinned", "entities": {"card_id": "card-0"},
+                                        "features": {"amount": 1.0}, "version": "2"})))
+    batch.append(Inbound(msgpack.packb({"id": "retired", "entities": {"card_id": "card-0"},
+                                        "features": {"amount": 1.0}, "version": "0"})))
+    outcome = asyncio.run(scoring.process(batch))
+
+    by_id = {p["id"]: p for p in predictions(outcome)}
+    on_canary = canary_share(cards, 0.3)
+    assert abs(on_canary.mean() - 0.3) < 0.01  # the weight, within 1%
+    assert [by_id[f"r{i}"]["version"] for i in range(len(cards))] == ["2" if c else "1" for c in on_canary]
+    assert {by_id["r0"]["lineage"]["artifact_sha256"], by_id["r1"]["lineage"]["artifact_sha256"]} <= {
+        "ab" * 32, "cd" * 32}
+    assert by_id["pinned"]["version"] == "2"
+    assert dict(outcome.dead_letters[0].headers)["streamscore-error-kind"] == b"unknown_version"
+    assert outcome.by_version == {"1": int((~on_canary).sum()), "2": int(on_canary.sum()) + 1}
+    again = asyncio.run(scoring.process(batch[:100]))  # the same card always meets the same version
+    assert {p["id"]: p["version"] for p in predictions(again)} == {f"r{i}": by_id[f"r{i}"]["version"]
+                                                                   for i in range(100)}
