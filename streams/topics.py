@@ -1,4 +1,4 @@
-"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments``."""
+"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments|shadow``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def dead_letters(prefix: str, model: str) -> str:
 def deployments(prefix: str, model: str) -> str:
     """The model's deployment state (compacted, one partition; key: the model name)."""
     return f"{prefix}.{model}.deployments"
+
+
+def shadow(prefix: str, model: str) -> str:
+    """Shadow versions' outputs beside the answer's, one record per request and shadow version."""
+    return f"{prefix}.{model}.shadow"
 
 
 def replies(prefix: str, client_id: str) -> str:

@@ -437,6 +437,51 @@ def models_retire(model: str, version: str) -> None:
     _change(model, lambda state, library: deployments.retire(state, version, library))
 
 
+@models.command("compare")
+@click.argument("model")
+@click.argument("v1")
+@click.argument("v2")
+@click.option("--max", "max_records", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Records of the pair to read at most (oldest first).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Folder for compare-<model>-<v1>-<v2>.png and .json.")
+def models_compare(model: str, v1: str, v2: str, max_records: int, out_dir: Path) -> None:
+    """Compare V1 and V2 on the requests both scored: the shadow records of <prefix>.<model>.shadow."""
+    if v1 == v2:
+        raise click.UsageError("give two different versions")
+    _optional("matplotlib", "models compare", "bench")
+    from streamscore.workers import compare
+    from streamscore.workers.deployments import topic_of
+
+    async def read_pair(settings: Settings) -> Any:
+        topic_of(settings, model)  # refuses a name no model can have
+        return await compare.read_shadow(settings, model, v1, v2, max_records)
+
+    try:
+        read = _run_deployment(read_pair)
+    except compare.CompareError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not read.records:
+        present = compare.describe_pairs(read.pairs) or "none readable"
+        raise click.ClickException(f"no shadow records of {model} v{v1} against v{v2} in {read.topic} "
+                                   f"({read.scanned} record(s) read); pairs present: {present}")
+    summary = compare.summarize(read.records, v1, v2)
+    limit = f", stopped at --max {max_records}" if read.truncated else ""
+    click.echo(f"{model} v{v1} against v{v2}: {summary['records']} request(s) in {read.topic} "
+               f"({', '.join(f'{k}: {n}' for k, n in summary['directions'].items())}; "
+               f"{summary['duplicates']} duplicate(s) dropped{limit})")
+    click.echo(compare.table(summary), nl=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"compare-{model}-{v1}-{v2}"
+    drawn = compare.plot(read.records, summary, stem.with_suffix(".png"), model)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"model": model, "topic": read.topic, "scanned": read.scanned, "unreadable": read.unreadable,
+         "truncated": read.truncated, "max": max_records, "plotted": drawn,
+         "pairs": [{"answered_version": a, "version": b, "count": n} for (a, b), n in sorted(read.pairs.items())],
+         **summary}, indent=2) + "\n")
+    click.echo(f"wrote {stem}.png and {stem}.json")
+
+
 # --- features -------------------------------------------------------------------------------------------------
 
 @main.group()
