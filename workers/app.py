@@ -86,7 +86,7 @@ class ModelScorer:
             outcome = BatchOutcome([], [self.letters.failed(message, exc) for message in flight.records], 0, 0, {})
         flight.state = "publishing"
         assert self.delivery is not None and self.delivery.publisher is not None
-        acked = await self.delivery.publisher.publish([*outcome.predictions, *outcome.dead_letters],
+        acked = await self.delivery.publisher.publish([*outcome.predictions, *outcome.dead_letters, *outcome.extra],
                                                       self._undeliverable)
         acked.add_done_callback(lambda done: _acknowledged(flight, done))
         try:
@@ -126,32 +126,39 @@ class ModelScorer:
         wanted = await wanted_serving(settings, name)
         if wanted is None or self.pending_serving is not None:
             return
-        have = (serving.production.version, serving.canary.version if serving.canary else None, serving.weight)
+        have = _served(serving)
         if wanted == have:
             return
-        stamp = (wanted, _folder_stamp(settings.models_dir / name, [v for v in wanted[:2] if v]))
+        named = [version for version in (wanted[0], wanted[1], *wanted[3]) if version]
+        stamp = (wanted, _folder_stamp(settings.models_dir / name, named))
         if stamp in self._refused:
             return
-        loaded = {runtime.version: runtime for runtime in (serving.production, serving.canary) if runtime}
+        loaded = {runtime.version: runtime for runtime in (serving.production, serving.canary, *serving.shadows)
+                  if runtime}
 
         def load(version: str) -> ModelRuntime:
             return loaded[version] if version in loaded else load_model(settings.models_dir, name, views,
                                                                         settings.worker, version)
 
-        production_version, canary_version, weight = wanted
+        production_version, canary_version, weight, shadow_versions = wanted
+        loop = asyncio.get_running_loop()
         try:
-            production = await asyncio.get_running_loop().run_in_executor(None, load, production_version)
+            production = await loop.run_in_executor(None, load, production_version)
             canary = None
             if canary_version is not None:
-                canary = await asyncio.get_running_loop().run_in_executor(None, load, canary_version)
+                canary = await loop.run_in_executor(None, load, canary_version)
                 _same_inputs(production, canary)
+            shadows = []
+            for version in shadow_versions:
+                shadows.append(await loop.run_in_executor(None, load, version))
+                _same_inputs(production, shadows[-1])
         except ModelError as exc:
             self._refused.add(stamp)
             self.refusal = f"refusing {_describe(wanted)}, still serving {_describe(have)}: {exc}"
             log.error("%s: %s", name, self.refusal)
             return
         self.refusal = None
-        self.pending_serving = Serving(production, canary, weight if canary is not None else 0.0)
+        self.pending_serving = Serving(production, canary, weight if canary is not None else 0.0, tuple(shadows))
 
     async def _process(self, batch: list[Inbound]) -> BatchOutcome:
         """Run the pipeline, trying again on failure; a batch that keeps failing is split to find the messages
@@ -187,13 +194,14 @@ class ModelScorer:
         """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
         missing, invalid or not writable). None for the worker's own topics: those are retried until an
         operator fixes them (and the watchdog restarts a worker that cannot get them out)."""
-        if message[0] in (self.pipeline.predictions_topic, self.pipeline.dlq_topic):  # a plain tuple, often
+        own = (self.pipeline.predictions_topic, self.pipeline.dlq_topic, self.pipeline.shadow_topic)
+        if message[0] in own:  # a plain tuple, often
             return None
         return self.letters.undeliverable(message, error)
 
 
-Wanted = tuple[str, str | None, float]
-"""(production version, canary version or None, canary weight)."""
+Wanted = tuple[str, str | None, float, tuple[str, ...]]
+"""(production version, canary version or None, canary weight, shadow versions)."""
 
 
 async def wanted_serving(settings: Settings, model: str) -> Wanted | None:
@@ -206,18 +214,21 @@ async def wanted_serving(settings: Settings, model: str) -> Wanted | None:
         return None
     if state is not None and state.production is not None:
         canary = state.canary
-        return state.production, canary.version if canary else None, canary.weight if canary else 0.0
+        return (state.production, canary.version if canary else None, canary.weight if canary else 0.0,
+                tuple(state.shadow))
     newest = newest_primary(settings.models_dir, model)
-    return None if newest is None else (newest, None, 0.0)
+    return None if newest is None else (newest, None, 0.0, ())
 
 
 def _served(serving: Serving) -> Wanted:
-    return serving.production.version, serving.canary.version if serving.canary else None, serving.weight
+    return (serving.production.version, serving.canary.version if serving.canary else None, serving.weight,
+            tuple(shadow.version for shadow in serving.shadows))
 
 
 def _describe(wanted: Wanted) -> str:
-    production, canary, weight = wanted
-    return f"v{production}" + (f" with canary v{canary} at weight {weight:g}" if canary else "")
+    production, canary, weight, shadows = wanted
+    return (f"v{production}" + (f" with canary v{canary} at weight {weight:g}" if canary else "")
+            + (f" and shadow {', '.join('v' + v for v in shadows)}" if shadows else ""))
 
 
 def _folder_stamp(model_dir: Path, wanted: list[str]) -> tuple[float, ...]:
@@ -234,8 +245,8 @@ def _same_inputs(production: ModelRuntime, canary: ModelRuntime) -> None:
     """Versions scored in one batch share its decoding and its feature fetch: they must read the same inputs."""
     if canary.decode_spec != production.decode_spec or [v.name for v in canary.views] != \
             [v.name for v in production.views] or canary.columns != production.columns:
-        raise ModelError(f"canary v{canary.version} reads other inputs than production v{production.version} "
-                         "(request features, views or column order): deploy it as production after testing it")
+        raise ModelError(f"v{canary.version} reads other inputs than production v{production.version} (request "
+                         "features, views or column order): a canary or shadow must read the inputs production reads")
 
 
 async def wanted_version(settings: Settings, model: str) -> str | None:
@@ -300,7 +311,8 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     )
     prefix = settings.topic_prefix
     asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
-        topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model))],
+        topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model),
+        topics.shadow(prefix, model))],
         partitions=settings.worker.partitions))
     agents: dict[str, ModelScorer] = {}
     channels: dict[str, Any] = {}
@@ -308,7 +320,8 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     for name in model_names:
         runtime = load_model(settings.models_dir, name, views, settings.worker,
                              asyncio.run(wanted_version(settings, name)))
-        pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes)
+        pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes,
+                                 registry=metrics.registry)
         pipeline.add_from_manifest(metrics.registry)
         if customize is not None:
             customize(pipeline, metrics)

@@ -37,6 +37,7 @@ from .stages import (
     ScoringBatch,
     Screen,
     Serving,
+    Shadow,
     Stage,
     place,
 )
@@ -61,6 +62,8 @@ class BatchOutcome:
     """Of which status ``error`` (the model failed on the batch)."""
     by_version: dict[str, int] = field(default_factory=dict)
     """Predictions made, by the version that made them."""
+    extra: list[Outbound] = field(default_factory=list)
+    """Other messages published with the batch (shadow records), acknowledged before its commit like the rest."""
 
 
 def code_version() -> str:
@@ -74,9 +77,11 @@ def code_version() -> str:
 
 
 def default_stages(store: FeatureStore, topic_prefix: str, model_name: str,
-                   reply_to_prefixes: Sequence[str] | None, lineage: Lineage) -> list[Stage]:
-    """The built-in pipeline: decode -> screen -> route -> features -> assemble -> infer -> encode."""
+                   reply_to_prefixes: Sequence[str] | None, lineage: Lineage,
+                   registry: CollectorRegistry | None = None) -> list[Stage]:
+    """The built-in pipeline: decode -> screen -> route -> features -> assemble -> infer -> shadow -> encode."""
     return [Decode(), Screen(topic_prefix, reply_to_prefixes), Route(), Features(store), Assemble(), Infer(),
+            Shadow(topics.shadow(topic_prefix, model_name), lineage, registry),
             Encode(topics.predictions(topic_prefix, model_name), lineage)]
 
 
@@ -103,16 +108,17 @@ class BatchPipeline:
 
     def __init__(self, model: ModelRuntime, store: FeatureStore, topic_prefix: str,
                  worker_id: str | None = None, reply_to_prefixes: Sequence[str] | None = None,
-                 stages: Sequence[Stage] | None = None) -> None:
+                 stages: Sequence[Stage] | None = None, registry: CollectorRegistry | None = None) -> None:
         self.serving = Serving(model)
         self.store = store
         self.prefix = topic_prefix
         self.predictions_topic = topics.predictions(topic_prefix, model.name)
         self.dlq_topic = topics.dead_letters(topic_prefix, model.name)
+        self.shadow_topic = topics.shadow(topic_prefix, model.name)
         self.letters = DeadLetters(model.name, self.dlq_topic)
         self.lineage = Lineage(self, worker_id or f"{socket.gethostname()}:{os.getpid()}")
         self.stages: list[Stage] = list(stages) if stages is not None else default_stages(
-            store, topic_prefix, model.name, reply_to_prefixes, self.lineage)
+            store, topic_prefix, model.name, reply_to_prefixes, self.lineage, registry)
 
     @property
     def model(self) -> ModelRuntime:
@@ -156,4 +162,5 @@ class BatchPipeline:
         return BatchOutcome(scoring.predictions, scoring.dead_letters, answered=len(scoring.predictions),
                             expired=int((status == EXPIRED).sum()), timings_us=timings,
                             errored=int((status == ERROR).sum()),
-                            by_version=scoring.context.get("answered_by_version", {}))
+                            by_version=scoring.context.get("answered_by_version", {}),
+                            extra=scoring.context.get("extra", []))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Serving:
     production: ModelRuntime
     canary: ModelRuntime | None = None
     weight: float = 0.0
+    shadows: tuple[ModelRuntime, ...] = ()
+    """Versions that score the same rows in the dark: their outputs never reach the predictions topic."""
 
     @property
     def versions(self) -> dict[str, ModelRuntime]:
@@ -286,6 +289,119 @@ class Infer:
             if full is None:
                 full = batch.outputs[name] = np.zeros((len(batch.status), *values.shape[1:]), dtype=values.dtype)
             full[rows] = values
+
+
+class Shadow:
+    """Every shadow version scores the rows that were scored, with the same inputs (same feature values, same
+    batch), in one runtime call each; one record per request and shadow version goes to
+    ``<prefix>.<model>.shadow`` beside the answer's outputs (never to the predictions topic), and the live
+    comparison goes to /metrics. Nothing to do without a shadow."""
+
+    name = "shadow"
+
+    def __init__(self, topic: str, lineage: Callable[[], dict[str, object]],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.topic = topic
+        self.lineage = lineage
+        self.metrics = _ShadowMetrics(registry) if registry is not None else None
+
+    async def __call__(self, batch: ScoringBatch) -> None:
+        serving, decoded = batch.serving, batch.decoded
+        if serving is None or not serving.shadows or batch.inputs is None or decoded is None:
+            return
+        rows = batch.scored_rows
+        answered = batch.status[rows] == OK
+        if not answered.any():
+            return
+        route = batch.route[rows] if batch.route is not None else np.zeros(len(rows), dtype=np.int8)
+        answering = batch.routed or [batch.model]
+        batch_id = str(self.lineage().get("batch_id", ""))
+        for runtime in serving.shadows:
+            started = time.perf_counter_ns()
+            try:
+                scored = runtime.run(batch.inputs)
+            except Exception:  # a shadow never costs the answer: logged, and the batch goes on
+                log.exception("shadow v%s failed on %d requests", runtime.version, len(rows))
+                continue
+            micros = (time.perf_counter_ns() - started) / 1000 / max(1, len(rows))
+            records = _shadow_records(batch, runtime, scored, rows, answered, route, answering, micros, batch_id)
+            batch.context.setdefault("extra", []).extend((self.topic, key, value, None) for key, value in records)
+            if self.metrics is not None:
+                self.metrics.observe(batch, runtime, scored, rows, answered, route, answering, micros)
+
+
+def _row_value(values: np.ndarray, row: int) -> Any:
+    value = values[row]
+    if values.ndim > 1:
+        return [item.item() if hasattr(item, "item") else item for item in value]
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _shadow_records(batch: ScoringBatch, runtime: ModelRuntime, scored: dict[str, np.ndarray], rows: np.ndarray,
+                    answered: np.ndarray, route: np.ndarray, answering: list[ModelRuntime], micros: float,
+                    batch_id: str) -> list[tuple[bytes, bytes]]:
+    """One msgpack record per answered row: the shadow's outputs beside the answer's (plain Python: only runs
+    while a shadow is deployed)."""
+    import msgpack
+
+    decoded = batch.decoded
+    assert decoded is not None
+    records = []
+    sent = now_ms()
+    for position in np.flatnonzero(answered).tolist():
+        row = int(rows[position])
+        record = {
+            "id": decoded.ids[row], "model": batch.model.name, "version": runtime.version,
+            "answered_version": answering[int(route[position])].version,
+            "outputs": {name: _row_value(values, position) for name, values in scored.items()},
+            "answered_outputs": {name: _row_value(values, row) for name, values in batch.outputs.items()},
+            "shadow_us": micros, "batch_id": batch_id, "sent_ms": sent,
+        }
+        records.append((decoded.ids[row].encode(), msgpack.packb(record, use_bin_type=True)))
+    return records
+
+
+class _ShadowMetrics:
+    """Live comparison per (shadow, answering) version pair: |score difference| of every numeric output, the
+    agreement of every label output, and the shadow's runtime cost per request."""
+
+    DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = ["model", "version", "answered_version", "output"]
+        self.diff = Histogram("streamscore_shadow_abs_diff", "|shadow - answer| per request and numeric output",
+                              labels, buckets=self.DIFF_BUCKETS, registry=registry)
+        self.agree = Counter("streamscore_shadow_agreement", "Requests whose label output the shadow agreed on "
+                             "(agree=yes|no)", [*labels, "agree"], registry=registry)
+        self.cost = Counter("streamscore_shadow_runtime_seconds", "Shadow runtime time (the answer's is in "
+                            "streamscore_stage_seconds{stage=infer})", ["model", "version"], registry=registry)
+        self.scored = Counter("streamscore_shadow_requests", "Requests scored in shadow", ["model", "version"],
+                              registry=registry)
+
+    def observe(self, batch: ScoringBatch, runtime: ModelRuntime, scored: dict[str, np.ndarray], rows: np.ndarray,
+                answered: np.ndarray, route: np.ndarray, answering: list[ModelRuntime], micros: float) -> None:
+        model = batch.model.name
+        self.cost.labels(model, runtime.version).inc(micros * len(rows) / 1e6)
+        self.scored.labels(model, runtime.version).inc(int(answered.sum()))
+        for position, answerer in enumerate(answering):
+            mine = answered & (route == position)
+            if not mine.any():
+                continue
+            for name, values in scored.items():
+                theirs = batch.outputs.get(name)
+                if theirs is None or values.ndim != 1:
+                    continue
+                shadow_values, answer_values = values[mine], theirs[rows[mine]]
+                labels = (model, runtime.version, answerer.version, name)
+                if values.dtype.kind == "f":
+                    for difference in np.abs(shadow_values.astype(np.float64) - answer_values).tolist():
+                        self.diff.labels(*labels).observe(difference)
+                else:
+                    same = int((shadow_values == answer_values).sum())
+                    self.agree.labels(*labels, "yes").inc(same)
+                    self.agree.labels(*labels, "no").inc(int(mine.sum()) - same)
 
 
 class Encode:

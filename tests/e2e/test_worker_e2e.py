@@ -455,3 +455,50 @@ def test_a_canary_serves_its_share_by_entity_hash_and_pins_reach_their_version(d
     assert 0.35 < expected.count("canary") / len(expected) < 0.65
     assert predictions[pinned["id"]]["version"] == canary
     models("retire", MODEL, canary)
+
+
+def test_a_shadow_scores_in_the_dark_beside_the_answer(deployment: Deployment) -> None:
+    """After the canary test: `models shadow` makes the worker score every request with the shadow version
+    too; its outputs go to the shadow topic beside the answer's, never to the predictions topic."""
+    import os
+    import subprocess
+    import sys
+
+    def models(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "streamscore", "models", *args], capture_output=True,
+                              text=True, env={**os.environ, **deployment.env}, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    from streamscore.workers.deployments import read_deployment
+
+    state = asyncio.run(read_deployment(deployment.settings, MODEL))
+    assert state is not None and state.production is not None and state.canary is None
+    production = state.production
+    dark = "1" if production != "1" else "2"
+    models("shadow", MODEL, dark)
+    shadow_topic = topics.shadow(deployment.settings.topic_prefix, MODEL)
+    deadline = time.monotonic() + 30
+    while True:  # until the worker took the shadow
+        run = uuid.uuid4().hex[:6]
+        requests = [request(f"sh-{run}-{i}", f"card-{i}", "merchant-3", 10.0 + i) for i in range(20)]
+        asyncio.run(_produce(deployment, requests))
+        predictions = _predictions_for(deployment, {r["id"] for r in requests})
+        last_id = requests[-1]["id"]
+        records = [unpack(r.value) for r in asyncio.run(_consume(
+            deployment, shadow_topic, lambda found, last=last_id: any(unpack(r.value)["id"] == last for r in found),
+            timeout=3, grace=0.5))]
+        mine = {record["id"]: record for record in records if record["id"].startswith(f"sh-{run}")}
+        if len(mine) == len(requests):
+            break
+        assert time.monotonic() < deadline, "no shadow records 30 s after `models shadow`"
+
+    assert {p["version"] for p in predictions} == {production}  # the answers are production's
+    for prediction in predictions:
+        record = mine[prediction["id"]]
+        assert record["version"] == dark and record["answered_version"] == production
+        assert record["answered_outputs"]["fraud_probability"] == pytest.approx(
+            prediction["outputs"]["fraud_probability"], abs=1e-6)
+        # v1 and v2 are the same artifact: the shadow agrees with the answer
+        assert record["outputs"]["fraud_probability"] == pytest.approx(record["answered_outputs"]["fraud_probability"],
+                                                                       abs=1e-6)
+    models("retire", MODEL, dark)

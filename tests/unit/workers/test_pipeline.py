@@ -71,7 +71,8 @@ def test_the_built_in_stages_run_in_order_and_each_is_timed() -> None:
     scoring = pipeline()
     outcome = asyncio.run(scoring.process([message("a", 0.25), message("b", 0.75)]))
 
-    assert scoring.stage_names == ["decode", "screen", "route", "features", "assemble", "infer", "encode"]
+    assert scoring.stage_names == ["decode", "screen", "route", "features", "assemble", "infer", "shadow",
+                                   "encode"]
     assert list(outcome.timings_us) == scoring.stage_names
     assert [(p["id"], p["status"], p["outputs"]["score"]) for p in predictions(outcome)] == [
         ("a", "ok", 0.25), ("b", "ok", 0.75)]
@@ -107,7 +108,7 @@ def test_stages_of_ones_own_are_placed_by_name_timed_and_seen_in_the_outputs() -
     outcome = asyncio.run(scoring.process(batch))
 
     assert scoring.stage_names == ["decode", "screen", "route", "no-negatives", "features", "assemble", "infer",
-                                   "double", "encode"]
+                                   "double", "shadow", "encode"]
     assert set(outcome.timings_us) == set(scoring.stage_names)
     assert {p["id"]: p["outputs"]["score"] for p in predictions(outcome)} == {"a": 0.5, "e0": 2.0}
     letters = {dict(letter.headers)["streamscore-request-id"]: dict(letter.headers) for letter in outcome.dead_letters}
@@ -227,3 +228,35 @@ def test_a_canary_takes_its_weight_by_a_stable_hash_of_the_primary_key_and_pins_
     again = asyncio.run(scoring.process(batch[:100]))  # the same card always meets the same version
     assert {p["id"]: p["version"] for p in predictions(again)} == {f"r{i}": by_id[f"r{i}"]["version"]
                                                                    for i in range(100)}
+
+
+@dataclass
+class HalfRuntime(TinyRuntime):
+    """A shadow candidate: scores amount / 2."""
+
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return {"score": (inputs[:, 0] / 2).astype(np.float32)}
+
+
+def test_a_shadow_scores_the_same_rows_in_the_dark_and_is_compared_live() -> None:
+    from streamscore.workers.stages import Serving
+
+    registry = CollectorRegistry()
+    production = TinyRuntime(version="1")
+    shadow = HalfRuntime(version="2", manifest=SimpleNamespace(sha256="ef" * 32, stages=()))
+    scoring = BatchPipeline(production, NoViews(), "p", worker_id="w", registry=registry)  # type: ignore[arg-type]
+    scoring.serving = Serving(production, shadows=(shadow,))
+    outcome = asyncio.run(scoring.process([message("a", 0.5), message("b", 0.25), message("old", 1.0, deadline_ms=1)]))
+
+    assert {p["id"]: (p["version"], p["outputs"].get("score")) for p in predictions(outcome)} == {
+        "a": ("1", 0.5), "b": ("1", 0.25), "old": ("1", None)}
+    records = {key: msgpack.unpackb(value) for topic, key, value, _ in outcome.extra}
+    assert {topic for topic, *_ in outcome.extra} == {"p.tiny.shadow"}
+    assert set(records) == {b"a", b"b"}  # only what was scored: the expired request has no shadow record
+    assert records[b"a"]["version"] == "2" and records[b"a"]["answered_version"] == "1"
+    assert records[b"a"]["outputs"] == {"score": 0.25} and records[b"a"]["answered_outputs"] == {"score": 0.5}
+    samples = {(sample.name, sample.labels.get("le")): sample.value for metric in registry.collect()
+               for sample in metric.samples}
+    assert samples[("streamscore_shadow_abs_diff_count", None)] == 2
+    assert samples[("streamscore_shadow_abs_diff_sum", None)] == pytest.approx(0.25 + 0.125)
+    assert samples[("streamscore_shadow_requests_total", None)] == 2
