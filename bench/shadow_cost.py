@@ -4,8 +4,9 @@
 Cassandra and its model in ``demo-data/models``) copies the demo model into a scratch library as v1 and v2
 (the same artifact, so the shadow's cost is the pipeline's and the runtime's, not a bigger model's), starts one
 worker under a fresh topic prefix, and drains a backlog of ``--requests`` demo requests three times: warm-up
-(fills the cache), production only, and with v2 deployed as shadow (``streamscore models shadow``). Requests/s
-is answered / (last - first prediction's Kafka timestamp). Writes ``shadow_cost.{json,md}`` into ``--out``.
+(fills the cache), production only (v2, the newest), and with v1 deployed as shadow (``streamscore models
+shadow``). Requests/s is answered / (last - first prediction's Kafka timestamp). Writes
+``shadow_cost.{json,md}`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def main() -> None:
         print(f"warm-up: {warm:,.0f} requests/s")
         plain = asyncio.run(_drain(settings, list(demo_requests(args.requests, seed=11, id_prefix="plain"))))
         print(f"production only: {plain:,.0f} requests/s")
-        subprocess.run([sys.executable, "-m", "streamscore", "models", "shadow", MODEL, "2"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "streamscore", "models", "shadow", MODEL, "1"], env=env, check=True)
         while asyncio.run(read_deployment(settings, MODEL)) is None:
             time.sleep(0.2)
         time.sleep(3)  # three reload checks: the worker took the shadow
