@@ -209,16 +209,17 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(packages: tuple[str, ...] = ("Cython",)) -> dict[str, Any]:
+    """The machine and the versions of ``packages`` (installed versions, read without importing them); the
+    micro-benchmarks' report header (bench/variants.py uses it too)."""
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):  # not Linux: keep platform's guess
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "numpy": np.__version__, "msgpack": msgpack.version,
-        "cython": _version("Cython"), "compiled_module": _fast.__file__,
+        "python": sys.version.split()[0], "numpy": np.__version__,
+        **{name.lower(): _version(name) for name in packages},
     }
 
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats, min_seconds = (2, 0.002) if args.quick else (11, 0.05)
     started = time.perf_counter()
     rows = [row for count in BATCH_SIZES for row in run_size(count, repeats, min_seconds)]
-    info = machine_info()
+    info = {**machine_info(), "msgpack": msgpack.version, "compiled_module": _fast.__file__}
     headline = next(row for row in rows if row["batch"] == 512 and row["stage"] == "decode+assemble")
     encode = next(row for row in rows if row["batch"] == 512 and row["stage"] == "encode")
     report = {

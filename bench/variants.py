@@ -18,11 +18,7 @@ transactions); agreement with the parent of the 0.5 label and of the demo's appr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,28 +30,11 @@ import numpy as np
 
 from streamscore.workers import variants
 from streamscore.workers.library import read_manifest, version_dir
+from streamscore_bench.fastpath_bench import machine_info
 from streamscore_examples.fraud.model import MODEL_NAME, N_HOLDOUT, build_and_register, holdout_set, training_set
 
 RESULTS = Path("bench/results")
 SEED = 7
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "numpy": np.__version__,
-            **{name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "onnx", "scikit-learn",
-                                                 "skl2onnx")}}
 
 
 def plot(models_dir: Path, compared: list[str], rows: list[dict[str, Any]], inputs: np.ndarray, path: Path) -> None:
@@ -118,7 +97,7 @@ def run(models_dir: Path, version: str, seed: int, n_train: int, n_holdout: int,
         "timing": {"statistic": "best of repeats", "repeats": repeats, "min_seconds_per_repeat": min_seconds,
                    "provider": "CPUExecutionProvider", "intra_op_threads": variants.MEASURE_SETTINGS.intra_op_threads},
         "table": rows,
-        "machine": machine_info(),
+        "machine": machine_info(("onnxruntime", "onnxruntime-gpu", "onnx", "scikit-learn", "skl2onnx")),
     }
     out.mkdir(parents=True, exist_ok=True)
     plot(models_dir, compared, rows, inputs[:4_000], out / "variants.png")
