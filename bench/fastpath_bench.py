@@ -19,10 +19,8 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from streamscore.fastpath._types import (
     RequestFeature,
     ViewBlock,
 )
+from streamscore.workers.variants import measure
 
 RESULTS = Path("bench/results")
 BATCH_SIZES = (1, 64, 512)
@@ -133,27 +132,6 @@ def naive_encode(batch: PredictionBatch, sent_ms: int) -> list[bytes]:
 # ------------------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------------------
-
-
-def measure(call: Callable[[], object], requests: int, repeats: int, min_seconds: float) -> dict[str, float]:
-    """Microseconds per request: loops of ``number`` calls (at least ``min_seconds`` long), ``repeats`` times."""
-    number = 1
-    while True:
-        started = time.perf_counter()
-        for _ in range(number):
-            call()
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            break
-        number = max(number * 2, int(number * min_seconds / max(elapsed, 1e-9) * 1.2))
-    runs = [elapsed]
-    for _ in range(repeats - 1):
-        started = time.perf_counter()
-        for _ in range(number):
-            call()
-        runs.append(time.perf_counter() - started)
-    per_request = [run / number / requests * 1e6 for run in runs]
-    return {"best": min(per_request), "median": statistics.median(per_request), "calls_per_repeat": number}
 
 
 def check_same_results(messages: list[bytes], blocks: list[ViewBlock], predictions: PredictionBatch) -> None:

@@ -302,11 +302,17 @@ def us_per_request(runtime: ModelRuntime, inputs: np.ndarray, batch: int, *, rep
     rows = np.ascontiguousarray(np.resize(inputs, (batch, inputs.shape[1])), dtype=np.float32)
     wanted = list(dict.fromkeys(output.onnx_output for output in runtime.manifest.outputs))
     runtime.infer(rows, wanted)
-    number, elapsed = 1, 0.0
+    return measure(lambda: runtime.infer(rows, wanted), batch, repeats, min_seconds)["best"]
+
+
+def measure(call: Any, requests: int, repeats: int, min_seconds: float) -> dict[str, float]:
+    """Microseconds per request of ``call`` (which handles ``requests`` requests): loops of ``number`` calls, at
+    least ``min_seconds`` long, ``repeats`` times; the best and the median loop, and the loop's length."""
+    number = 1
     while True:
         started = time.perf_counter()
         for _ in range(number):
-            runtime.infer(rows, wanted)
+            call()
         elapsed = time.perf_counter() - started
         if elapsed >= min_seconds:
             break
@@ -315,9 +321,10 @@ def us_per_request(runtime: ModelRuntime, inputs: np.ndarray, batch: int, *, rep
     for _ in range(repeats - 1):
         started = time.perf_counter()
         for _ in range(number):
-            runtime.infer(rows, wanted)
+            call()
         runs.append(time.perf_counter() - started)
-    return min(runs) / number / batch * 1e6
+    per_request = sorted(run / number / requests * 1e6 for run in runs)
+    return {"best": per_request[0], "median": float(np.median(per_request)), "calls_per_repeat": number}
 
 
 def score_output(manifest: Manifest) -> str:
