@@ -128,6 +128,10 @@ class ModelScorer:
             return
         have = _served(serving)
         if wanted == have:
+            if self.refusal is not None:
+                log.warning("%s: the deployment names %s again, which is served: refusal cleared", name,
+                            _describe(have))
+            self.refusal = None
             return
         named = [version for version in (wanted[0], wanted[1], *wanted[3]) if version]
         stamp = (wanted, _folder_stamp(settings.models_dir / name, named))
@@ -291,11 +295,14 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     views = load_views(settings.views_file)
     store = FeatureStore(settings, views)
     store.connect()
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.topic_prefix}-worker",
         broker=faust_broker(settings.kafka),
         broker_credentials=faust_credentials(settings.kafka),
         store="memory://",
+        # Faust keeps its table state under datadir; the data folder, not "<app id>-data" in the current directory
+        datadir=str(settings.data_dir / "faust" / "{conf.name}"),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.worker.partitions,

@@ -37,6 +37,19 @@ class WorkerMetrics:
         self.by_version = Counter("streamscore_predictions_by_version", "Predictions published, by model and the "
                                   "version that made them (production, canary, pinned)", ["model", "version"],
                                   registry=self.registry)
+        self.version_predictions = Counter(
+            "streamscore_version_predictions", "Predictions published, by model, version and status (ok, expired, "
+            "error)", ["model", "version", "status"], registry=self.registry)
+        self.version_inference = Histogram(
+            "streamscore_version_inference_seconds", "Time of one version's runtime call per batch, by model and "
+            "version", ["model", "version"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.version_batch = Histogram(
+            "streamscore_version_batch_seconds", "Pipeline time of the batches a version answered rows of (every "
+            "stage, from decode to encode), by model and version", ["model", "version"], buckets=STAGE_BUCKETS,
+            registry=self.registry)
+        self.version_failures = Counter(
+            "streamscore_version_inference_failures", "Runtime calls that raised (their rows answered with status "
+            "error), by model and version", ["model", "version"], registry=self.registry)
         self.batch_size = Histogram("streamscore_batch_messages", "Messages per batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.stage_seconds = Histogram("streamscore_stage_seconds", "Time per batch and pipeline stage",
@@ -55,6 +68,15 @@ class WorkerMetrics:
                 self.requests.labels(model, status).inc(count)
         for version, count in getattr(outcome, "by_version", {}).items():
             self.by_version.labels(model, version).inc(count)
+        batch_seconds = sum(outcome.timings_us.values()) / 1e6
+        for version, statuses in getattr(outcome, "status_by_version", {}).items():
+            for status, count in statuses.items():
+                self.version_predictions.labels(model, version, status).inc(count)
+            self.version_batch.labels(model, version).observe(batch_seconds)
+        for version, seconds in getattr(outcome, "runtime_s_by_version", {}).items():
+            self.version_inference.labels(model, version).observe(seconds)
+        for version, count in getattr(outcome, "inference_failures_by_version", {}).items():
+            self.version_failures.labels(model, version).inc(count)
         for letter in outcome.dead_letters:
             kind = dict(letter[3] or ()).get("streamscore-error-kind", b"unknown").decode()
             self.dead_letters.labels(model, kind).inc()

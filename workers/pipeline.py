@@ -62,6 +62,12 @@ class BatchOutcome:
     """Of which status ``error`` (the model failed on the batch)."""
     by_version: dict[str, int] = field(default_factory=dict)
     """Predictions made, by the version that made them."""
+    status_by_version: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Predictions made, by version and status."""
+    runtime_s_by_version: dict[str, float] = field(default_factory=dict)
+    """Seconds of each version's runtime call (the versions that answered rows of this batch)."""
+    inference_failures_by_version: dict[str, int] = field(default_factory=dict)
+    """Runtime calls that raised, by version."""
     extra: list[Outbound] = field(default_factory=list)
     """Other messages published with the batch (shadow records), acknowledged before its commit like the rest."""
 
@@ -163,4 +169,7 @@ class BatchPipeline:
                             expired=int((status == EXPIRED).sum()), timings_us=timings,
                             errored=int((status == ERROR).sum()),
                             by_version=scoring.context.get("answered_by_version", {}),
+                            status_by_version=scoring.context.get("status_by_version", {}),
+                            runtime_s_by_version=scoring.context.get("runtime_s_by_version", {}),
+                            inference_failures_by_version=scoring.context.get("inference_failures_by_version", {}),
                             extra=scoring.context.get("extra", []))

@@ -275,13 +275,17 @@ class Infer:
 
     @staticmethod
     def _score(batch: ScoringBatch, runtime: ModelRuntime, inputs: np.ndarray, rows: np.ndarray) -> None:
+        started = time.perf_counter()
         try:
             scored = runtime.run(inputs)
         except Exception as exc:
             log.exception("inference failed for %d requests (v%s)", len(rows), runtime.version)
+            failures = batch.context.setdefault("inference_failures_by_version", {})
+            failures[runtime.version] = failures.get(runtime.version, 0) + 1
             batch.error = ("inference_failed", f"{type(exc).__name__}: {exc}")
             batch.status[rows[batch.status[rows] == OK]] = ERROR
             return
+        batch.context.setdefault("runtime_s_by_version", {})[runtime.version] = time.perf_counter() - started
         for name, values in scored.items():
             if len(values) != len(rows):  # one output row per input row, or the batch is not answered
                 raise ValueError(f"the model returned {len(values)} rows of {name!r} for {len(rows)} inputs")
@@ -440,6 +444,9 @@ class Encode:
                 (reply_to[row] or default_topic, request_id.encode(), value, None)
                 for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True))
             batch.context.setdefault("answered_by_version", {})[runtime.version] = len(prediction_batch.rows)
+            statuses, counts = np.unique(batch.status[mask], return_counts=True)
+            batch.context.setdefault("status_by_version", {})[runtime.version] = dict(
+                zip(statuses.tolist(), counts.tolist(), strict=True))
 
 
 @dataclass

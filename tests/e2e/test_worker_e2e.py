@@ -502,3 +502,72 @@ def test_a_shadow_scores_in_the_dark_beside_the_answer(deployment: Deployment) -
         assert record["outputs"]["fraud_probability"] == pytest.approx(record["answered_outputs"]["fraud_probability"],
                                                                        abs=1e-6)
     models("retire", MODEL, dark)
+
+
+def test_a_deployment_record_naming_a_missing_or_tampered_version_is_refused_by_the_worker(
+        deployment: Deployment) -> None:
+    """A record written to the deployments topic by someone else than the CLI (which would refuse it): the
+    worker refuses it, keeps serving what it had, says so in its log and at /status, and takes the next good
+    record."""
+    import json
+    import shutil
+    import urllib.request
+
+    from streamscore.workers.deployments import Change, ensure_topic, implicit, read_deployment, scan_library
+
+    settings = deployment.settings
+    state = asyncio.run(read_deployment(settings, MODEL))
+    if state is None:  # run alone: no record yet, the worker serves the implicit state
+        state = implicit(MODEL, scan_library(settings.models_dir, MODEL, verify=()))
+    assert state.production is not None
+    serving = state.production
+    library = settings.models_dir / MODEL
+    shutil.copytree(library / serving, library / "78")
+    manifest = json.loads((library / "78" / "manifest.json").read_text())
+    (library / "78" / "manifest.json").write_text(json.dumps({**manifest, "version": "78"}))
+    with (library / "78" / "model.onnx").open("ab") as artifact:
+        artifact.write(b"\0")  # its sha256 no longer matches its manifest
+
+    async def publish(production: str, seq: int) -> None:
+        topic = await ensure_topic(settings, MODEL)
+        record = state.model_copy(update={"production": production, "seq": seq, "history": (),
+                                          "changed": Change(by="someone@elsewhere", at_ms=int(time.time() * 1000),
+                                                            what=f"production {production}, by hand")})
+        producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, record.model_dump_json().encode(), key=MODEL.encode())
+        finally:
+            await producer.stop()
+
+    def status() -> dict[str, Any]:
+        port = deployment.env["STREAMSCORE_WORKER__WEB_PORT"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+            return dict(json.load(response)[MODEL])
+
+    def refused_within(seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while not (refusal := status()["version_refused"]):
+            assert time.monotonic() < deadline, "the worker did not report the refusal"
+            time.sleep(0.3)
+        return str(refusal)
+
+    try:
+        for bad, seq in (("77", state.seq + 1), ("78", state.seq + 2)):
+            asyncio.run(publish(bad, seq))
+            time.sleep(0.5)
+            deadline = time.monotonic() + 15
+            while f"v{bad}" not in (refusal := refused_within(15)):
+                assert time.monotonic() < deadline, f"v{bad} not refused: {refusal}"
+                time.sleep(0.3)
+            assert "still serving" in refusal and serving in refusal
+            assert _served_version(deployment) == serving
+            assert f"refusing v{bad}" in deployment.log_path.read_text()
+        asyncio.run(publish(serving, state.seq + 3))  # a good record again: the refusal clears
+        deadline = time.monotonic() + 15
+        while status()["version_refused"]:
+            assert time.monotonic() < deadline, "the refusal did not clear on a good record"
+            time.sleep(0.3)
+        assert _served_version(deployment) == serving
+    finally:
+        shutil.rmtree(library / "78", ignore_errors=True)

@@ -260,3 +260,38 @@ def test_a_shadow_scores_the_same_rows_in_the_dark_and_is_compared_live() -> Non
     assert samples[("streamscore_shadow_abs_diff_count", None)] == 2
     assert samples[("streamscore_shadow_abs_diff_sum", None)] == pytest.approx(0.25 + 0.125)
     assert samples[("streamscore_shadow_requests_total", None)] == 2
+
+
+def test_metrics_split_predictions_latency_and_errors_by_version() -> None:
+    from streamscore.workers.metrics import WorkerMetrics
+    from streamscore.workers.stages import Serving
+
+    spec = fastpath.DecodeSpec(("card_id",), (fastpath.RequestFeature("amount"),))
+    production = TinyRuntime(version="1", decode_spec=spec)
+    broken = TinyRuntime(version="2", decode_spec=spec, fail=True, manifest=SimpleNamespace(sha256="cd" * 32,
+                                                                                           stages=()))
+
+    class Views:
+        async def fetch(self, view_names: list[str], entity_columns: list[list[str]]) -> list[Any]:
+            return []
+
+    scoring = BatchPipeline(production, Views(), "p", worker_id="w")  # type: ignore[arg-type]
+    scoring.serving = Serving(production, broken, 0.5)
+    batch = [Inbound(msgpack.packb({"id": f"r{i}", "entities": {"card_id": f"card-{i}"}, "features": {"amount": 1.0}}))
+             for i in range(400)]
+    outcome = asyncio.run(scoring.process(batch))
+    versions = {p["id"]: (p["version"], p["status"]) for p in predictions(outcome)}
+    on_canary = sum(version == "2" for version, _ in versions.values())
+    assert 150 < on_canary < 250 and all(status == ("error" if version == "2" else "ok")
+                                         for version, status in versions.values())
+    assert outcome.status_by_version == {"1": {"ok": 400 - on_canary}, "2": {"error": on_canary}}
+    assert set(outcome.runtime_s_by_version) == {"1"} and outcome.inference_failures_by_version == {"2": 1}
+
+    metrics = WorkerMetrics()
+    metrics.observe_batch("m", len(batch), outcome)
+    text = metrics.render().decode()
+    assert f'streamscore_version_predictions_total{{model="m",status="ok",version="1"}} {400 - on_canary}.0' in text
+    assert f'streamscore_version_predictions_total{{model="m",status="error",version="2"}} {on_canary}.0' in text
+    assert 'streamscore_version_inference_failures_total{model="m",version="2"} 1.0' in text
+    assert 'streamscore_version_inference_seconds_count{model="m",version="1"} 1.0' in text
+    assert 'streamscore_version_batch_seconds_count{model="m",version="2"} 1.0' in text
