@@ -2,7 +2,7 @@
 # Every target runs from the repository root; tests/unit/test_makefile_targets.py dry-runs each one and runs
 # the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
 # `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`.
-.PHONY: bootstrap demo test lint stack-up stack-down bench-fastpath bench soak
+.PHONY: bootstrap demo demo-lifecycle test lint stack-up stack-down bench-fastpath bench soak
 
 ARGS ?=
 
@@ -11,6 +11,9 @@ bootstrap:
 
 demo: bootstrap
 	.venv/bin/streamscore demo
+
+demo-lifecycle: bootstrap
+	.venv/bin/streamscore demo --lifecycle $(ARGS)
 
 test:
 	scripts/test

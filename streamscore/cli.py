@@ -542,12 +542,22 @@ def features_get(view: str, entities: tuple[str, ...]) -> None:
 @click.option("--requests", "count", type=int, default=20_000, show_default=True, help="Requests to stream.")
 @click.option("--rate", type=float, default=1500.0, show_default=True,
               help="Offered requests per second; 0 sends as fast as possible (latency then measures the backlog).")
-def demo(count: int, rate: float) -> None:
+@click.option("--lifecycle", is_flag=True,
+              help="Instead: the model flow on live traffic through two workers: shadow of two cheaper variants "
+                   "with their comparison, a canary, promote, rollback, throughput of each version "
+                   "(--rate is the live rate; --requests is not used).")
+def demo(count: int, rate: float, lifecycle: bool) -> None:
     """Card-fraud scoring end to end: stack, features, model, worker, 20k requests, checked offline."""
     example = _optional("streamscore_examples.fraud.run", "demo", "demo", DEMO_NEEDS)
     settings = _settings()
     _setup_logging("WARNING")
     try:
+        if lifecycle:
+            _optional("matplotlib", "demo --lifecycle", "bench")
+            from streamscore_examples.fraud.lifecycle import run_lifecycle
+
+            run_lifecycle(settings, rate or 1000.0, echo=click.echo)
+            return
         example.run_demo(settings, count, rate or None, echo=click.echo)
     except example.DemoFailed as exc:
         raise click.ClickException(str(exc)) from exc
