@@ -482,6 +482,73 @@ def models_compare(model: str, v1: str, v2: str, max_records: int, out_dir: Path
     click.echo(f"wrote {stem}.png and {stem}.json")
 
 
+# --- prediction log: explain, replay ---------------------------------------------------------------------------
+
+def _logged(request_id: str, model: str | None) -> tuple[Settings, list[Any]]:
+    """The logged predictions of an id, or a one-line error (not logged: the share and the debug flag)."""
+    from streamscore.featurestore.online import FeatureStoreUnavailable
+    from streamscore.workers import predlog
+
+    settings = _settings()
+    try:
+        found = predlog.read_logged(settings, request_id, model)
+    except (FeatureStoreUnavailable, predlog.LogError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not found:
+        raise click.ClickException(predlog.not_logged_message(settings, request_id, model))
+    return settings, found
+
+
+@main.command()
+@click.argument("request_id")
+@click.option("--model", default=None, help="The model that scored it (default: every model that logged it).")
+def explain(request_id: str, model: str | None) -> None:
+    """Print a logged prediction: each input column's name, value and source, the outputs, version, lineage."""
+    _, found = _logged(request_id, model)
+    for logged in found:
+        flag = ", sent with debug: true" if logged.debug else ""
+        click.echo(f"{logged.model} v{logged.version}: request {logged.id}, received {_when(logged.received_ms)}, "
+                   f"logged {_when(logged.logged_ms)}{flag}")
+        click.echo("entities: " + (", ".join(f"{k}={v}" for k, v in logged.entities.items()) or "-"))
+        click.echo(f"inputs ({len(logged.input_names)} columns, in the model's order):")
+        width = max((len(name) for name in logged.input_names), default=4)
+        for index, (name, value) in enumerate(zip(logged.input_names, logged.input_values, strict=True)):
+            click.echo(f"  {name:<{width}}  {value:>14.7g}  {logged.source_of(index)}")
+        click.echo("outputs: " + ", ".join(f"{name}={json.dumps(value)}" for name, value in logged.outputs.items()))
+        click.echo("lineage: " + ", ".join(f"{key}={value}" for key, value in sorted(logged.lineage.items())))
+
+
+@main.command()
+@click.argument("request_id")
+@click.option("--model", default=None, help="The model that scored it (needed when several logged the id).")
+def replay(request_id: str, model: str | None) -> None:
+    """Score a logged prediction's exact input again with the artifact its lineage names; exit 1 unless every
+    output is the same (within 1e-6)."""
+    from streamscore.featurestore.views import ViewsError, load_views
+    from streamscore.workers import predlog
+
+    settings, found = _logged(request_id, model)
+    if len(found) > 1:
+        raise click.ClickException(f"{request_id!r} was logged by {[logged.model for logged in found]}: "
+                                   "give --model")
+    logged = found[0]
+    try:
+        results = predlog.replay(settings, logged, load_views(settings.views_file))
+    except (predlog.LogError, ViewsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sha = logged.lineage.get("artifact_sha256", "")
+    click.echo(f"{logged.model} v{logged.version} (sha256 {sha[:12]}…, verified) on the logged "
+               f"{len(logged.input_values)}-column input of {logged.id}:")
+    for result in results:
+        diff = "" if result.difference is None else f"  |difference| {result.difference:.3g}"
+        click.echo(f"  {result.output}: logged {json.dumps(result.logged)}, replayed {json.dumps(result.replayed)}"
+                   f"{diff}  {'same' if result.same else 'DIFFERENT'}")
+    if not all(result.same for result in results):
+        raise click.ClickException(f"the replayed outputs differ from the logged ones (beyond "
+                                   f"{predlog.REPLAY_TOLERANCE:g})")
+    click.echo(f"same outputs (within {predlog.REPLAY_TOLERANCE:g})")
+
+
 # --- features -------------------------------------------------------------------------------------------------
 
 @main.group()

@@ -146,6 +146,33 @@ class WorkerSettings(_Strict):
     is read again by the next owner of its partitions."""
 
 
+class PredictionLogSettings(_Strict):
+    enabled: bool = True
+    """Log a sample of the predictions (``streamscore explain`` / ``replay``); false leaves the stage out."""
+    share: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Share of the requests logged, picked by a stable hash of the request id (the same id is always or never
+    logged); requests carrying ``debug: true`` are logged whatever the share."""
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=0)
+    """How long a logged prediction lives in Cassandra (``USING TTL``; 0 keeps it)."""
+    table: str = Field(default="prediction_log", pattern=r"^[a-z][a-z0-9_]{0,47}$")
+    """Table of the log, in the ``cassandra`` section's keyspace."""
+    queue_batches: int = Field(default=64, ge=1)
+    """Batches of logged rows waiting for the background writer; when it is full, a batch's rows are dropped
+    (counted in ``streamscore_prediction_log_rows{outcome="dropped"}`` and logged), never waited for."""
+    write_concurrency: int = Field(default=16, ge=1)
+    """Most log writes in flight at once."""
+
+
+class RetrainSettings(_Strict):
+    min_rows: int = Field(default=200, ge=1)
+    """Fewest labelled rows of the prediction log ``streamscore retrain`` trains on (without the original
+    training data)."""
+    recipes: dict[str, str] = {"fraud": "streamscore_examples.fraud.model:retrain_recipe"}
+    """Model name -> ``module:callable`` of its training recipe (JSON map), see ``workers/retrain.py``."""
+    label_wait_s: float = Field(default=10.0, gt=0)
+    """Longest wait for the labels topic to deliver up to its end offsets."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STREAMSCORE_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -177,6 +204,10 @@ class Settings(BaseSettings):
     """The local stack of a checkout (``STREAMSCORE_STACK__*``), used by ``streamscore stack``."""
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     """The inference worker (``STREAMSCORE_WORKER__*``)."""
+    prediction_log: PredictionLogSettings = Field(default_factory=PredictionLogSettings)
+    """The sampled log of predictions with their exact inputs (``STREAMSCORE_PREDICTION_LOG__*``)."""
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    """``streamscore retrain`` (``STREAMSCORE_RETRAIN__*``)."""
 
 
 @lru_cache(maxsize=1)

@@ -37,6 +37,8 @@ from .deadletters import DeadLetters
 from .deployments import read_deployment
 from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
+from .predlog import attach as attach_prediction_log
+from .predlog import close_writers
 from .runtime import ModelRuntime, load_model
 from .stages import Serving, import_stage_modules
 
@@ -330,6 +332,7 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
         pipeline = BatchPipeline(runtime, store, prefix, settings.worker.worker_id, settings.worker.reply_to_prefixes,
                                  registry=metrics.registry)
         pipeline.add_from_manifest(metrics.registry)
+        attach_prediction_log(pipeline, settings, metrics.registry)
         if customize is not None:
             customize(pipeline, metrics)
         log.info("%s v%s pipeline: %s", name, runtime.version, " -> ".join(pipeline.stage_names))
@@ -415,6 +418,7 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
         """Closes the feature store's connections when the worker stops."""
 
         async def on_stop(self) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, close_writers)  # the queued log rows
             await store.close()
 
 

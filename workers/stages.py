@@ -428,6 +428,7 @@ class Encode:
         assert decoded is not None
         answered = batch.status != NOT_ANSWERED
         lineage = self.lineage()
+        batch.context["lineage"] = lineage  # what later stages (the prediction log) record beside the prediction
         if batch.route is None:
             groups = [(batch.model, answered)]
         else:  # one encode call per version: each prediction names the version (and artifact) that scored it
