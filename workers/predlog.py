@@ -28,6 +28,7 @@ artifact its lineage names (``replay`` below).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -202,17 +203,18 @@ class LogWriter:
         if self.counter is not None:
             self.counter.labels(model, outcome).inc(rows)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued (within ``timeout_s``) and disconnect."""
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued within ``timeout_s`` (a sample: a shutdown does not wait longer for it) and
+        disconnect; the thread is a daemon, so a Cassandra that does not answer never holds the exit up."""
         self._closing = True
         if self._thread is None:
             return
-        try:
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(queue.Full):  # a writer stuck on Cassandra: its queue is lost with it
             self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
             log.warning("prediction log: %d batch(es) still queued at shutdown are not written", self._queue.qsize())
-            return
-        self._thread.join(timeout_s)
 
     def _run(self) -> None:
         session, insert, cluster = None, None, None
@@ -280,7 +282,7 @@ def shared_writer(settings: Settings, registry: CollectorRegistry | None = None)
     return _WRITERS[key]
 
 
-def close_writers(timeout_s: float = 5.0) -> None:
+def close_writers(timeout_s: float = 2.0) -> None:
     for writer in list(_WRITERS.values()):
         writer.close(timeout_s)
     _WRITERS.clear()
