@@ -65,8 +65,9 @@ log = logging.getLogger(__name__)
 STAGE = "prediction_log"
 COLUMNS = ("id", "model", "version", "logged_ms", "received_ms", "debug", "entities", "input_names",
            "input_values", "input_sources", "feature_ts", "outputs", "lineage")
-DEBUG_KEYS = (b"\xa5debug", b"\xd9\x05debug")
-"""The key ``debug`` as msgpack writes it (fixstr; str8 by encoders that never use fixstr)."""
+DEBUG_KEYS = (b"\xa5debug\xc3", b"\xd9\x05debug\xc3")
+"""The entry ``debug: true`` as msgpack writes it (the key as a fixstr, or a str8 by encoders that never use fixstr,
+then the value true): a map's value follows its key, so requests sending ``debug: false`` are not candidates."""
 REPLAY_TOLERANCE = 1e-6
 
 _FNV_OFFSET = np.uint32(2166136261)
@@ -104,7 +105,7 @@ def fnv1a(request_id: str) -> int:
 
 def flagged_rows(messages: Sequence[Inbound], decoded: DecodedBatch) -> np.ndarray:
     """Decoded rows whose request carries ``debug: true``. One search of the joined raw bytes; only requests
-    the key occurs in are unpacked (a str value ``"debug"`` is a candidate too, and is unpacked to see)."""
+    the entry occurs in are unpacked (bytes that merely look like it, inside a str, are unpacked to see)."""
     values = list(map(attrgetter("value"), messages))
     try:
         blob = b"".join(values)

@@ -89,12 +89,14 @@ def test_debug_requests_are_always_logged_with_their_inputs_sources_outputs_and_
         message(request("a-str", note="debug")),  # the bytes occur, the flag does not
         message(request("not-bool", debug="yes")),
         Inbound(None, b"k", "t", 0, 2),  # a tombstone in the batch: dead-lettered, and no obstacle
+        Inbound(b"\x83" + b"".join(map(msgpack.packb, ("id", "str8", "features", {"amount": 1.0})))
+                + b"\xd9\x05debug\xc3", b"k", "t", 0, 3),  # the key as a str8, as some encoders write it
     ]
     outcome = asyncio.run(scoring.process(batch))
 
-    assert outcome.answered == 7
+    assert outcome.answered == 8
     logged = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in writer.rows}
-    assert set(logged) == {"flagged", "e1"}
+    assert set(logged) == {"flagged", "e1", "str8"}
     row = logged["e1"]
     assert (row["model"], row["version"], row["debug"]) == ("tiny", "1", True)
     assert (row["input_names"], row["input_values"], row["input_sources"]) == (["amount"], [3.5], ["request"])
