@@ -128,13 +128,14 @@ def worker(models: tuple[str, ...]) -> None:
     """Run an inference worker (a Faust app, one agent per model) until stopped."""
     from streamscore.featurestore.views import ViewsError
     from streamscore.workers.app import run_worker
+    from streamscore.workers.http import HttpBindError
     from streamscore.workers.library import ModelError
 
     settings = _settings()
     _setup_logging(settings.log_level)
     try:
         run_worker(settings, models, loglevel=settings.log_level.lower())
-    except (ModelError, ViewsError) as exc:
+    except (ModelError, ViewsError, HttpBindError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

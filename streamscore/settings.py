@@ -173,6 +173,29 @@ class RetrainSettings(_Strict):
     """Longest wait for the labels topic to deliver up to its end offsets."""
 
 
+class HttpSettings(_Strict):
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the worker's Open Inference Protocol (KServe v2 REST) endpoint, e.g. 8000; None (the default)
+    serves none. A separate server from the Faust web pages (/metrics, /status), so inference can be exposed
+    without them."""
+    bind: str = "127.0.0.1"
+    """Address the endpoint listens on: loopback by default; ``0.0.0.0`` to take requests from other hosts."""
+    batch_window_ms: float = Field(default=2.0, ge=0)
+    """Longest an HTTP request's rows wait for a batch to join before one is started for them (Kafka batches
+    take waiting rows too; the batch size bound is ``worker.batch_max``)."""
+    max_waiting_rows: int = Field(default=8192, ge=1)
+    """Rows of HTTP requests waiting for a batch, at most; a request that would go over is answered 503 with
+    Retry-After, never queued without bound."""
+    max_rows_per_request: int = Field(default=4096, ge=1, le=4096)
+    """Most rows (the batch dimension) one inference request may carry; more is answered 400."""
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    """Largest request body taken (413 above it)."""
+    retry_after_s: int = Field(default=1, ge=0)
+    """The Retry-After of a 503 (overloaded or starting)."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a request waits for its answer before it is answered 504 (a worker that cannot make progress)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STREAMSCORE_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -208,6 +231,8 @@ class Settings(BaseSettings):
     """The sampled log of predictions with their exact inputs (``STREAMSCORE_PREDICTION_LOG__*``)."""
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     """``streamscore retrain`` (``STREAMSCORE_RETRAIN__*``)."""
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    """The worker's on-demand HTTP endpoint, Open Inference Protocol (``STREAMSCORE_HTTP__*``)."""
 
 
 @lru_cache(maxsize=1)

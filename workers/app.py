@@ -35,6 +35,7 @@ from streamscore.workers.metrics import WorkerMetrics
 
 from .deadletters import DeadLetters
 from .deployments import read_deployment
+from .http import HttpRows, InferenceServer, listen
 from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
 from .predlog import attach as attach_prediction_log
@@ -54,6 +55,8 @@ class ModelScorer:
         self.pipeline = pipeline
         self.metrics = metrics
         self.delivery: BatchDelivery | None = None
+        self.http: HttpRows | None = None
+        """HTTP requests' rows waiting to join a batch (None: no HTTP endpoint)."""
         self.answered = 0
         self.expired = 0
         self.dead_lettered = 0
@@ -79,20 +82,29 @@ class ModelScorer:
         fail, every message of the batch is dead-lettered ``processing_failed``. Publishing never raises
         (the publisher retries until Kafka has everything; the watchdog stops a worker that cannot)."""
         flight.state = "scoring"
+        taken = self.http.take(flight) if self.http is not None else []
+        records = [*flight.records, *(waiting.message for waiting in taken)] if taken else flight.records
         try:
             self._swap_in_pending_model()
-            outcome = await self._process(flight.records)
+            outcome = await self._process(records)
         except Exception as exc:
             log.exception("scoring a batch of %d messages failed beyond its isolation; dead-lettering each",
-                          len(flight.records))
-            outcome = BatchOutcome([], [self.letters.failed(message, exc) for message in flight.records], 0, 0, {})
+                          len(records))
+            outcome = BatchOutcome([], [self.letters.failed(message, exc) for message in records], 0, 0, {})
+        http_answered = 0
+        if taken:  # HTTP rows are answered over HTTP: their messages leave the outcome before it is published
+            try:
+                outcome, http_answered = HttpRows.settle(taken, outcome)
+            except Exception as exc:
+                log.exception("answering %d HTTP requests failed", len(taken))
+                HttpRows.fail(taken, f"internal error: {type(exc).__name__}: {exc}")
         flight.state = "publishing"
         assert self.delivery is not None and self.delivery.publisher is not None
         acked = await self.delivery.publisher.publish([*outcome.predictions, *outcome.dead_letters, *outcome.extra],
                                                       self._undeliverable)
         acked.add_done_callback(lambda done: _acknowledged(flight, done))
         try:
-            self._count(flight, outcome)
+            self._count(records, outcome, http_answered)
         except Exception:  # bookkeeping must never hold a batch up
             log.exception("counting a batch failed")
 
@@ -104,14 +116,15 @@ class ModelScorer:
                         _describe(_served(now)), now.production.manifest.sha256[:12], _describe(_served(previous)))
             self.report_model()
 
-    def _count(self, flight: Flight, outcome: BatchOutcome) -> None:
+    def _count(self, records: list[Inbound], outcome: BatchOutcome, http_answered: int = 0) -> None:
         self.batches += 1
         self.answered += outcome.answered
         self.expired += outcome.expired
         self.dead_lettered += len(outcome.dead_letters)
-        self.requests_per_batch = 0.9 * self.requests_per_batch + 0.1 * len(flight.records)
+        self.requests_per_batch = 0.9 * self.requests_per_batch + 0.1 * len(records)
         self.last_timings = outcome.timings_us
-        self.metrics.observe_batch(self.pipeline.model.name, len(flight.records), outcome)
+        self.metrics.observe_batch(self.pipeline.model.name, len(records), outcome)
+        self.metrics.observe_sources(self.pipeline.model.name, outcome.answered - http_answered, http_answered)
 
     def report_model(self) -> None:
         model = self.pipeline.model
@@ -341,6 +354,8 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
     _declare_services(app, settings, store, agents, channels, watchdog)
     _declare_reporting(app, agents, store, metrics, watchdog)
+    if settings.http.port is not None:
+        _declare_http(app, settings, agents, channels, store, metrics, watchdog)
     if settings.worker.reload_interval_s > 0:
         @app.timer(interval=settings.worker.reload_interval_s)
         async def reload_models() -> None:
@@ -420,6 +435,34 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
         async def on_stop(self) -> None:
             await asyncio.get_running_loop().run_in_executor(None, close_writers)  # the queued log rows
             await store.close()
+
+
+def _declare_http(app: faust.App, settings: Settings, agents: dict[str, ModelScorer], channels: dict[str, Any],
+                  store: FeatureStore, metrics: WorkerMetrics, watchdog: Watchdog | None) -> None:
+    """The Open Inference Protocol endpoint (workers/http.py): its rows join each model's batches through the
+    agent's channel. The socket is opened here, so a taken port fails the start with a one-line error."""
+    sock = listen(settings.http)
+    for name, agent in agents.items():
+        agent.http = HttpRows(settings.http, settings.worker.batch_max,
+                              channels[topics.requests(settings.topic_prefix, name)].put)
+    server = InferenceServer(settings, agents, store, metrics, watchdog)
+    metrics.watch(lambda: {"streamscore_http_waiting_rows": (
+        "Rows of HTTP requests waiting for a batch", float(sum(agent.http.waiting_rows for agent in agents.values()
+                                                               if agent.http is not None)))})
+
+    @app.service
+    class HttpService(mode.Service):
+        """Serves the endpoint while the worker runs; stops taking requests before the batches are finished."""
+
+        async def on_started(self) -> None:
+            await server.start(sock)
+
+        async def on_stop(self) -> None:
+            await server.stop()
+
+    @app.on_before_shutdown.connect
+    async def stop_http(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await server.stop()
 
 
 def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: FeatureStore,

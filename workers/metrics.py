@@ -57,6 +57,27 @@ class WorkerMetrics:
         self.model_version = Gauge("streamscore_model_info", "Model version served (value 1)",
                                    ["model", "version", "sha256", "provider"], registry=self.registry)
 
+        self.answered_by_source = Counter("streamscore_answered", "Requests answered (a prediction of any status), by "
+                                          "where they came from: kafka or http", ["model", "source"],
+                                          registry=self.registry)
+        self.http_responses = Counter("streamscore_http_responses", "Inference requests answered over HTTP, by "
+                                      "status code", ["model", "code"], registry=self.registry)
+        self.http_seconds = Histogram("streamscore_http_request_seconds", "Inference request time over HTTP, from "
+                                      "its arrival to its answer", ["model"], buckets=STAGE_BUCKETS,
+                                      registry=self.registry)
+
+    def observe_sources(self, model: str, kafka: int, http: int) -> None:
+        if kafka:
+            self.answered_by_source.labels(model, "kafka").inc(kafka)
+        if http:
+            self.answered_by_source.labels(model, "http").inc(http)
+
+    def observe_http(self, model: str, code: int, seconds: float) -> None:
+        """One inference request answered over HTTP (per request, not per batch: it is a request's own cost)."""
+        self.http_responses.labels(model, str(code)).inc()
+        if code == 200:
+            self.http_seconds.labels(model).observe(seconds)
+
     def watch(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
         self.registry.register(_Live(read))
 

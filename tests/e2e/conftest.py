@@ -69,6 +69,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         "STREAMSCORE_DATA_DIR": str(data_dir),
         "STREAMSCORE_CASSANDRA__KEYSPACE": f"e2e_{run}",
         "STREAMSCORE_WORKER__WEB_PORT": str(_free_port()),
+        # the Open Inference Protocol endpoint (docs/http.md): see http_address()
+        "STREAMSCORE_HTTP__PORT": str(_free_port()),
         "STREAMSCORE_WORKER__BATCH_WINDOW_MS": "20",
         "STREAMSCORE_WORKER__PARTITIONS": "2",
         "STREAMSCORE_WORKER__RELOAD_INTERVAL_S": "1",
@@ -132,6 +134,11 @@ async def _wait_until_answering(deployment: Deployment, process: subprocess.Pope
             except PredictTimeout:
                 continue
     raise TimeoutError("worker not answering after 120 s")
+
+
+def http_address(deployment: Deployment) -> str:
+    """host:port of the worker's Open Inference Protocol endpoint (e.g. for tritonclient's InferenceServerClient)."""
+    return f"127.0.0.1:{deployment.env['STREAMSCORE_HTTP__PORT']}"
 
 
 def request(request_id: str, card: str, merchant: str, amount: float = 42.0, **extra: Any) -> dict[str, Any]:
