@@ -221,8 +221,22 @@ async def ensure_topics(settings: Settings, names: Sequence[str], partitions: in
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
+            await _until_led(admin, [topic.name for topic in missing])
     finally:
         await admin.close()
+
+
+async def _until_led(admin: AIOKafkaAdminClient, names: Sequence[str], timeout_s: float = 10.0) -> None:
+    """Wait until every partition of the new topics has a leader: a client that reads them at once would
+    otherwise meet "not found in cluster metadata" (logged as an error by the client) while they propagate."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = await admin.describe_topics(list(names))
+        if all(entry.get("error_code") == 0 and entry["partitions"]
+               and all(partition.get("leader", -1) >= 0 for partition in entry["partitions"])
+               for entry in described):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def partitions_of(settings: Settings, topic: str) -> list[int]:

@@ -173,6 +173,36 @@ async def _stream(settings: Settings, requests: list[dict[str, Any]], rate: floa
     return predictions, arrivals
 
 
+WARM_S = 3.0
+"""The demo's first seconds (cold caches) are reported apart from the rest."""
+HOPS = ("to worker", "in worker", "to client", "total")
+
+
+def _hops(requests: list[dict[str, Any]], predictions: dict[str, dict], arrivals: dict[str, int],
+          first_sent_ms: int) -> dict[str, dict[str, dict[str, float]]]:
+    """p50/p99 of each hop, from the client's send stamp, the worker's received/sent stamps and the arrival:
+    client -> Kafka -> worker (``to worker``), the worker's batch (``in worker``), worker -> Kafka -> client
+    (``to client``); split into the first ``WARM_S`` seconds of sends and the rest."""
+    first = f"first {WARM_S:g} s"
+    phases: dict[str, list[list[int]]] = {first: [], "after": []}
+    for request in requests:
+        prediction = predictions.get(request["id"])
+        if prediction is None or "received_ms" not in prediction or "sent_ms" not in prediction:
+            continue
+        sent, received, published = request["sent_ms"], prediction["received_ms"], prediction["sent_ms"]
+        arrived = arrivals[request["id"]]
+        phase = first if sent - first_sent_ms < WARM_S * 1000 else "after"
+        phases[phase].append([received - sent, published - received, arrived - published, arrived - sent])
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for phase, rows in phases.items():
+        if rows:
+            values = np.array(rows, dtype=np.float64)
+            summary[phase] = {hop: {"p50": float(np.percentile(values[:, index], 50)),
+                                    "p99": float(np.percentile(values[:, index], 99))}
+                              for index, hop in enumerate(HOPS)}
+    return summary
+
+
 def _summarize(requests: list[dict[str, Any]], predictions: dict[str, dict], arrivals: dict[str, int],
                expected: np.ndarray, echo: Echo) -> dict[str, Any]:
     histogram = HdrHistogram(1, 600_000, 3)
@@ -190,14 +220,21 @@ def _summarize(requests: list[dict[str, Any]], predictions: dict[str, dict], arr
     answered = len(requests) - missing
     first_sent_ms = min(request["sent_ms"] for request in requests)
     elapsed = max(1, max(arrivals.values(), default=first_sent_ms) - first_sent_ms) / 1000
+    hops = _hops(requests, predictions, arrivals, first_sent_ms)
     summary = {
         "requests": len(requests), "answered": answered, "missing": missing, "mismatched": mismatched,
         "max_abs_score_difference": worst, "throughput_rps": answered / elapsed,
         "latency_ms": {f"p{p}": histogram.get_value_at_percentile(p) for p in (50, 95, 99)},
+        "hops_ms": hops,
     }
     echo(f"answered {answered}/{len(requests)} in {elapsed:.1f} s: {summary['throughput_rps']:.0f} predictions/s")
-    echo("end-to-end latency (sent -> prediction received): " +
+    echo("end-to-end latency (sent -> prediction received), whole run: " +
          ", ".join(f"{name} {value} ms" for name, value in summary["latency_ms"].items()))
+    echo(f"latency by hop, p50 / p99 ms (the first {WARM_S:g} s, while the worker's caches fill from Cassandra, "
+         "apart from the rest):")
+    for phase, by_hop in hops.items():
+        echo(f"  {phase:<12}" + "  ".join(f"{hop} {values['p50']:.0f} / {values['p99']:.0f}"
+                                          for hop, values in by_hop.items()))
     for request in requests[:3]:
         prediction = predictions.get(request["id"])
         if prediction is not None:
