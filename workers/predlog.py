@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,6 @@ import numpy as np
 from streamscore.featurestore.cassandra import connect
 from streamscore.settings import Settings, get_settings
 from streamscore.streams.clock import now_ms
-from streamscore.streams.records import Inbound
 
 from .library import MANIFEST, Manifest, ModelError, read_manifest, verified_artifact
 from .stages import OK, ScoringBatch, register_stage
@@ -65,9 +63,9 @@ log = logging.getLogger(__name__)
 STAGE = "prediction_log"
 COLUMNS = ("id", "model", "version", "logged_ms", "received_ms", "debug", "entities", "input_names",
            "input_values", "input_sources", "feature_ts", "outputs", "lineage")
-DEBUG_KEYS = (b"\xa5debug\xc3", b"\xd9\x05debug\xc3")
-"""The entry ``debug: true`` as msgpack writes it (the key as a fixstr, or a str8 by encoders that never use fixstr,
-then the value true): a map's value follows its key, so requests sending ``debug: false`` are not candidates."""
+DEBUG_TAIL = b"debug\xc3"
+"""How the entry ``debug: true`` ends in msgpack, whichever str header its key has (fixstr, or str8 by encoders
+that never use fixstr): a map's value follows its key, so requests sending ``debug: false`` are not candidates."""
 REPLAY_TOLERANCE = 1e-6
 
 _FNV_OFFSET = np.uint32(2166136261)
@@ -86,12 +84,14 @@ def sample_mask(ids: Sequence[str], share: float) -> np.ndarray:
         return np.ones(count, dtype=bool)
     codes = np.array(ids, dtype=str)
     width = codes.dtype.itemsize // 4
-    points = codes.view(np.uint32).reshape(count, width)
+    points = np.ascontiguousarray(codes.view(np.uint32).reshape(count, width).T)  # one row per character position
     lengths = np.char.str_len(codes)
     hashes = np.full(count, _FNV_OFFSET, dtype=np.uint32)
+    mixed = np.empty_like(hashes)
     for column in range(width):  # one numpy step per character position, not per id
-        mixed = (hashes ^ points[:, column]) * _FNV_PRIME
-        hashes = np.where(column < lengths, mixed, hashes)
+        np.bitwise_xor(hashes, points[column], out=mixed)
+        np.multiply(mixed, _FNV_PRIME, out=mixed)
+        np.copyto(hashes, mixed, where=column < lengths)
     return hashes.astype(np.uint64) < np.uint64(int(share * (1 << 32)))
 
 
@@ -103,35 +103,33 @@ def fnv1a(request_id: str) -> int:
     return value
 
 
-def flagged_rows(messages: Sequence[Inbound], decoded: DecodedBatch) -> np.ndarray:
-    """Decoded rows whose request carries ``debug: true``. One search of the joined raw bytes; only requests
-    the entry occurs in are unpacked (bytes that merely look like it, inside a str, are unpacked to see)."""
-    values = list(map(attrgetter("value"), messages))
+def flagged_rows(values: Sequence[bytes | None], decoded: DecodedBatch) -> np.ndarray:
+    """Decoded rows whose request carries ``debug: true``, from the batch's raw message values. The joined bytes
+    are searched once, vectorized (numpy), for ``debug`` followed by msgpack's true; only the requests it occurs
+    in are unpacked (bytes that merely look like it, inside a str, are unpacked to see)."""
     try:
-        blob = b"".join(values)
+        blob = b"".join(values)  # type: ignore[arg-type]
     except TypeError:  # a tombstone (None) or a value that is not bytes: it decoded to no row anyway
         values = [value if isinstance(value, bytes) else b"" for value in values]
-        blob = b"".join(values)
-    hits = [offset for key in DEBUG_KEYS for offset in _occurrences(blob, key)]
-    if not hits or not len(decoded):
+        blob = b"".join(values)  # type: ignore[arg-type]
+    if not len(decoded):
         return np.zeros(0, dtype=np.intp)
-    message_starts = np.concatenate(([0], np.cumsum(np.fromiter(map(len, values), np.int64, len(values)))))
+    raw = np.frombuffer(blob, dtype=np.uint8)
+    hits = np.flatnonzero(raw == DEBUG_TAIL[-1])  # msgpack's true: rare outside booleans
+    for back, byte in enumerate(reversed(DEBUG_TAIL[:-1]), 1):
+        hits = hits[hits >= back]
+        hits = hits[raw[hits - back] == byte]
+        if not len(hits):
+            return np.zeros(0, dtype=np.intp)
+    lengths = np.fromiter(map(len, values), np.int64, len(values))  # type: ignore[arg-type]
+    message_starts = np.concatenate(([0], np.cumsum(lengths)))
     starts = message_starts[decoded.source] + decoded.span[:, 0]
     ends = message_starts[decoded.source] + decoded.span[:, 1]
-    at = np.asarray(hits, dtype=np.int64)
-    rows = np.searchsorted(starts, at, side="right") - 1
-    inside = (rows >= 0) & (at < ends[np.maximum(rows, 0)])
+    rows = np.searchsorted(starts, hits, side="right") - 1
+    inside = (rows >= 0) & (hits < ends[np.maximum(rows, 0)])
     candidates = np.unique(rows[inside])
     flagged = [row for row in candidates.tolist() if _debug_set(blob[int(starts[row]):int(ends[row])])]
     return np.asarray(flagged, dtype=np.intp)
-
-
-def _occurrences(blob: bytes, key: bytes) -> list[int]:
-    found, start = [], blob.find(key)
-    while start >= 0:
-        found.append(start)
-        start = blob.find(key, start + 1)
-    return found
 
 
 def _debug_set(raw: bytes) -> bool:
@@ -311,7 +309,8 @@ class PredictionLog:
         if decoded is None or batch.inputs is None or not len(scored):
             return
         wanted = sample_mask(decoded.ids, self.share)
-        flagged = flagged_rows(batch.messages, decoded)
+        values = batch.context.get("values")
+        flagged = flagged_rows(values if values is not None else [m.value for m in batch.messages], decoded)
         debug = np.zeros(len(decoded), dtype=bool)
         debug[flagged] = True
         positions = np.flatnonzero((wanted | debug)[scored] & (batch.status[scored] == OK))

@@ -154,7 +154,9 @@ class Decode:
     name = "decode"
 
     async def __call__(self, batch: ScoringBatch) -> None:
-        decoded = fastpath.decode_batch([message.value for message in batch.messages], batch.model.decode_spec)
+        values = [message.value for message in batch.messages]
+        batch.context["values"] = values  # the raw values, for stages that look at them (the prediction log)
+        decoded = fastpath.decode_batch(values, batch.model.decode_spec)
         batch.decoded = decoded
         batch.dead_letters.extend(batch.letters.rejected(batch.messages[error.message_index], error)
                                   for error in decoded.errors)
