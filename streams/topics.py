@@ -1,4 +1,4 @@
-"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments|shadow``."""
+"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments|shadow|monitoring``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def deployments(prefix: str, model: str) -> str:
 def shadow(prefix: str, model: str) -> str:
     """Shadow versions' outputs beside the answer's, one record per request and shadow version."""
     return f"{prefix}.{model}.shadow"
+
+
+def monitoring(prefix: str, model: str) -> str:
+    """Drift window reports of the model's served versions, one record per worker, version and window."""
+    return f"{prefix}.{model}.monitoring"
 
 
 def replies(prefix: str, client_id: str) -> str:

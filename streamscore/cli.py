@@ -361,13 +361,18 @@ def models_list(model: str) -> None:
 
 @models.command("show")
 @click.argument("model")
+@click.argument("version", required=False)
 @click.option("--last", type=click.IntRange(min=1), default=10, show_default=True, help="Changes to list.")
-def models_show(model: str, last: int) -> None:
-    """The deployment state and its last changes (the records of the deployments topic)."""
+def models_show(model: str, version: str | None, last: int) -> None:
+    """The deployment state and its last changes (the records of the deployments topic); with VERSION, that
+    version's manifest: artifact, inputs, outputs and its training profile."""
     from streamscore.workers.deployments import read_records, topic_of
     from streamscore.workers.library import versions
 
     settings = _settings()
+    if version is not None:
+        _show_version(settings, model, version)
+        return
     records = _run_deployment(lambda settings: read_records(settings, model))
     topic = topic_of(settings, model)
     state = records[-1].state if records else None
@@ -386,6 +391,26 @@ def models_show(model: str, last: int) -> None:
             continue
         change = record.state.changed
         click.echo(f"  seq {record.state.seq:<4} {_when(change.at_ms)}  {change.by}  {change.what}")
+
+
+def _show_version(settings: Settings, model: str, version: str) -> None:
+    from streamscore.workers.library import ModelError, read_manifest, version_dir
+    from streamscore.workers.profile import profile_table
+
+    try:
+        manifest = read_manifest(version_dir(settings.models_dir, model, version))
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{model} v{version}: sha256 {manifest.sha256}, runtime {manifest.runtime}, "
+               f"{len(manifest.column_names)} input columns, outputs {[output.name for output in manifest.outputs]}"
+               + (f", variant of v{manifest.parent}" if manifest.parent else ""))
+    click.echo(manifest.description.summary or f"{manifest.description.domain}: {manifest.description.result_kind}")
+    if manifest.profile is None:
+        click.echo("no training profile in the manifest: the worker's drift stage stays off for this version "
+                   "(register it with one: streamscore.workers.profile.build_profile)")
+        return
+    for line in profile_table(manifest.profile):
+        click.echo(line)
 
 
 @models.command("promote")

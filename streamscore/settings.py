@@ -195,6 +195,21 @@ class HttpSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     """Longest a request waits for its answer before it is answered 504 (a worker that cannot make progress)."""
 
+class MonitoringSettings(_Strict):
+    drift: bool = True
+    """Run the drift stage (``workers/drift.py``, after ``infer``) in every model's pipeline: live inputs and
+    outputs binned per batch against the served version's training profile, one report per window. False
+    leaves it out (a version without a profile is never monitored: the worker logs it once)."""
+    window_requests: int = Field(default=10_000, ge=1)
+    """A drift window closes at the first batch that brings it to this many scored requests (per version)."""
+    window_s: float = Field(default=60.0, gt=0)
+    """...or at the first batch this many seconds after it opened, whichever comes first."""
+    psi_threshold: float = Field(default=0.2, gt=0)
+    """A column is flagged drifted when its PSI against the training profile reaches this (0.1: a moderate
+    shift, 0.2: a significant one, by the usual rule of thumb) and its p-value is at most ``p_value_threshold``."""
+    p_value_threshold: float = Field(default=0.01, gt=0, le=1)
+    """Largest p-value of the two-sample test (chi-square on the binned counts) at which a column is flagged."""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -233,6 +248,8 @@ class Settings(BaseSettings):
     """``streamscore retrain`` (``STREAMSCORE_RETRAIN__*``)."""
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The worker's on-demand HTTP endpoint, Open Inference Protocol (``STREAMSCORE_HTTP__*``)."""
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    """Drift of the served versions against their training profiles (``STREAMSCORE_MONITORING__*``)."""
 
 
 @lru_cache(maxsize=1)

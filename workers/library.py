@@ -7,8 +7,9 @@ Layout::
 
 The manifest names the model, its version, the runtime that serves it (``runtime``, ``onnxruntime`` by default;
 see ``runtime.RUNTIMES``), the artifact and its sha256 (checked before every load), the inputs in column order
-(each a request feature or a feature-view feature), the outputs, and what the model knows and does. A version
-folder that fails its checks is refused with an error that says why.
+(each a request feature or a feature-view feature), the outputs, what the model knows and does, and (optional)
+the training profile (``profile.py``). A version folder that fails its checks is refused with an error that says
+why.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from streamscore.fastpath import InputColumn, RequestFeature
 from streamscore.featurestore.views import FeatureView
 
+from .profile import TrainingProfile
 from .stages import StageSpec
 
 MANIFEST = "manifest.json"
@@ -122,6 +124,10 @@ class Manifest(BaseModel):
     """A variant's parent: the version of the same model it was made from (None: trained, not derived)."""
     made_by: MadeBy | None = None
     """A variant's making: method, its parameters and when (None for a version that is not a variant)."""
+    profile: TrainingProfile | None = None
+    """Every input column's and output's distribution on the training data, the data's sha256, the training
+    parameters and the code version (``workers/profile.py``); the worker's drift stage compares live traffic with
+    it. None (older manifests): no drift monitoring for this version."""
 
     @model_validator(mode="after")
     def _names(self) -> Manifest:
@@ -136,7 +142,19 @@ class Manifest(BaseModel):
                              "'.', '_', '-')")
         if self.parent == self.version:
             raise ValueError(f"version {self.version!r} names itself as its parent")
+        if self.profile is not None:
+            unknown = sorted(set(self.profile.columns) - set(self.column_names))
+            unknown_outputs = sorted(set(self.profile.outputs) - {output.name for output in self.outputs})
+            if unknown or unknown_outputs:
+                raise ValueError(f"the profile names columns {unknown} and outputs {unknown_outputs} that the "
+                                 f"model does not have (columns: {self.column_names})")
         return self
+
+    @property
+    def column_names(self) -> list[str]:
+        """The name of every model input column, in order: the input's name, ``<name>[i]`` for each column of a
+        request input of size > 1."""
+        return [spec.name if spec.size == 1 else f"{spec.name}[{i}]" for spec in self.inputs for i in range(spec.size)]
 
     @property
     def request_features(self) -> tuple[RequestFeature, ...]:

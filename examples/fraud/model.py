@@ -27,8 +27,19 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from streamscore.workers.library import Manifest, read_manifest, register
+from streamscore.workers.profile import TrainingProfile, build_profile, data_sha256
 
-from .data import MODEL_INPUTS, feature_matrix, generate_feature_rows, generate_transactions, labels
+from .data import (
+    COLUMNS,
+    MODEL_INPUTS,
+    FeatureRows,
+    Transaction,
+    feature_matrix,
+    fraud_views,
+    generate_feature_rows,
+    generate_transactions,
+    labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +67,15 @@ def _classifier(seed: int, max_iter: int) -> MLPClassifier:
                          max_iter=max_iter, tol=1e-4, n_iter_no_change=10, random_state=seed)
 
 
+def training_data(seed: int, n_train: int = 60_000) -> tuple[FeatureRows, list[Transaction]]:
+    """The feature rows and the labelled transactions ``train(seed, n_train)`` fits on."""
+    rows = generate_feature_rows(seed)
+    return rows, generate_transactions(rows, n_train, seed + TRAIN_OFFSET)
+
+
 def training_set(seed: int, n_train: int = 60_000) -> tuple[np.ndarray, np.ndarray]:
     """The model-input matrix (float32, n_train x 14) and 0/1 labels ``train(seed, n_train)`` fits on."""
-    rows = generate_feature_rows(seed)
-    transactions = generate_transactions(rows, n_train, seed + TRAIN_OFFSET)
+    rows, transactions = training_data(seed, n_train)
     return feature_matrix(transactions, rows), labels(transactions)
 
 
@@ -70,9 +86,11 @@ def holdout_set(seed: int, n: int = N_HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
     return feature_matrix(transactions, rows), labels(transactions)
 
 
-def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300) -> Pipeline:
-    """Train StandardScaler + MLP on ``n_train`` labelled transactions (float32 features, as served)."""
-    features, targets = training_set(seed, n_train)
+def train(seed: int, n_train: int = 60_000, *, max_iter: int = 300,
+          data: tuple[np.ndarray, np.ndarray] | None = None) -> Pipeline:
+    """Train StandardScaler + MLP on ``n_train`` labelled transactions (float32 features, as served);
+    ``data``: ``training_set(seed, n_train)`` when already made."""
+    features, targets = data if data is not None else training_set(seed, n_train)
     pipeline = make_pipeline(StandardScaler(), _classifier(seed, max_iter))
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -120,7 +138,34 @@ DECISION_STAGE = {"stage": "threshold_decision", "after": "infer",
 0.7, decline from 0.7), in every prediction's outputs as ``decision`` and counted at /metrics."""
 
 
-def _manifest(n_train: int, auc: float) -> dict[str, Any]:
+def defaulted_masks(transactions: list[Transaction], rows: FeatureRows) -> dict[str, np.ndarray]:
+    """Per view column, the rows whose value was the view's default (their entity has no row), as the worker
+    counts them. Request features get none: a worker cannot tell a default it filled in from a value sent."""
+    masks: dict[str, np.ndarray] = {}
+    for view in fraud_views():
+        known = rows.get(view.name, {})
+        unknown = np.array([str(txn[view.entity]) not in known for txn in transactions], dtype=bool)
+        masks.update({f"{view.name}.{feature}": unknown for feature in view.feature_names})
+    return masks
+
+
+def training_profile(pipeline: Pipeline, seed: int, n_train: int, max_iter: int, rows: FeatureRows,
+                     transactions: list[Transaction], features: np.ndarray) -> TrainingProfile:
+    """The profile of the training data ``train(seed, n_train)`` fitted on (``training_data``; ``features``: its
+    ``feature_matrix``), and of the model's scores on it."""
+    targets = labels(transactions)
+    scores = offline_scores(pipeline, features)
+    return build_profile(
+        {name: features[:, i] for i, name in enumerate(COLUMNS)},
+        {"fraud_probability": scores, "label": np.asarray(pipeline.predict(features))},
+        data_sha256=data_sha256(features, targets),
+        params={"recipe": "streamscore_examples.fraud.model", "seed": seed, "n_train": n_train,
+                "max_iter": max_iter, "classifier": "MLPClassifier(32, 16)", "alpha": 0.3},
+        defaulted=defaulted_masks(transactions, rows),
+    )
+
+
+def _manifest(n_train: int, auc: float, profile: TrainingProfile | None = None) -> dict[str, Any]:
     return {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
@@ -137,16 +182,21 @@ def _manifest(n_train: int, auc: float) -> dict[str, Any]:
                        f"(streamscore_examples.fraud.data, ~3% fraud); held-out ROC AUC {auc:.3f} on {N_HOLDOUT}. "
                        "Demo model on synthetic data: not for real payments.",
         },
+        "profile": None if profile is None else profile.model_dump(),
     }
 
 
 def build_and_register(models_dir: Path, seed: int = 7, *, n_train: int = 60_000,
                        max_iter: int = 300) -> tuple[Manifest, Pipeline]:
-    """Train, export and register ``fraud`` v1 in ``models_dir``; returns its manifest and the pipeline."""
-    pipeline = train(seed, n_train, max_iter=max_iter)
+    """Train, export and register ``fraud`` v1 in ``models_dir`` with its training profile; returns its manifest
+    and the pipeline."""
+    rows, transactions = training_data(seed, n_train)
+    features = feature_matrix(transactions, rows)
+    pipeline = train(seed, n_train, max_iter=max_iter, data=(features, labels(transactions)))
     auc = holdout_auc(pipeline, seed)
     log.info("fraud MLP held-out ROC AUC %.4f", auc)
+    profile = training_profile(pipeline, seed, n_train, max_iter, rows, transactions, features)
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = export_onnx(pipeline, Path(scratch) / "model.onnx")
-        version_dir = register(models_dir, onnx_path, _manifest(n_train, auc))
+        version_dir = register(models_dir, onnx_path, _manifest(n_train, auc, profile))
     return read_manifest(version_dir), pipeline

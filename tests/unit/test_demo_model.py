@@ -10,7 +10,7 @@ import pytest
 
 from streamscore.workers.library import Manifest, ModelError, read_manifest, verified_artifact
 from streamscore_examples.fraud import data
-from streamscore_examples.fraud.model import build_and_register, export_onnx, offline_scores, train
+from streamscore_examples.fraud.model import build_and_register, export_onnx, offline_scores, train, training_set
 
 SEED = 11
 N_TRAIN = 8_000
@@ -29,6 +29,10 @@ def pipeline():
 @pytest.fixture(scope="module")
 def heldout(rows) -> np.ndarray:
     return data.feature_matrix(data.generate_transactions(rows, 5_000, SEED + 50, unknown_rate=0.05), rows)
+
+
+def model_training_matrix() -> np.ndarray:
+    return training_set(SEED, N_TRAIN)[0]
 
 
 # --- generator -----------------------------------------------------------------------------------------------
@@ -137,6 +141,13 @@ def test_build_and_register_writes_a_verifiable_version(tmp_path, heldout):
     assert manifest.onnx_input == "input" and [o.name for o in manifest.outputs] == ["fraud_probability", "label"]
     assert [spec.name for spec in manifest.inputs] == [spec["name"] for spec in data.MODEL_INPUTS]
     assert "AUC" in manifest.description.summary
+    profile = manifest.profile  # every input column and output, on the training data
+    assert profile is not None and profile.rows == N_TRAIN and list(profile.columns) == manifest.column_names
+    assert list(profile.outputs) == ["fraud_probability", "label"] and profile.params["seed"] == SEED
+    assert profile.columns["card_stats.txn_count_24h"].default_share == 0.0  # training: every card is known
+    assert profile.columns["amount"].default_share is None and len(profile.columns["amount"].shares) == 10
+    assert profile.outputs["fraud_probability"].mean == pytest.approx(float(np.mean(offline_scores(
+        pipeline, model_training_matrix()))), rel=1e-4)
     manifest.input_columns({view.name: view for view in data.fraud_views()})  # every input resolves
     artifact = verified_artifact(version_dir, manifest)
     assert artifact == version_dir / "model.onnx"
