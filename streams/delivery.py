@@ -323,7 +323,7 @@ class BatchDelivery(mode.Service):
         """Request topic -> the Faust channel its model's agent reads batches from."""
         worker = settings.worker
         self.batch_max = worker.batch_max
-        self.window_ms = worker.batch_window_ms
+        self.fetch_wait_ms = worker.fetch_wait_ms
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.publisher: BatchPublisher | None = None
@@ -354,7 +354,7 @@ class BatchDelivery(mode.Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_max,
-            fetch_max_wait_ms=self.window_ms,
+            fetch_max_wait_ms=self.fetch_wait_ms,
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=16 << 20,
         )
@@ -401,7 +401,7 @@ class BatchDelivery(mode.Service):
         while self._fetching and not self.should_stop:
             self.fetch_beat = time.monotonic()
             try:
-                fetched = await self.consumer.getmany(timeout_ms=max(self.window_ms, 1), max_records=self.batch_max)
+                fetched = await self.consumer.getmany(timeout_ms=self.fetch_wait_ms, max_records=self.batch_max)
                 by_topic: dict[str, list[tuple[TopicPartition, list[Any]]]] = {}
                 for tp, records in fetched.items():
                     by_topic.setdefault(tp.topic, []).append((tp, records))

@@ -34,7 +34,7 @@ from streamscore.streams.watchdog import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED, Wa
 from streamscore.workers.metrics import WorkerMetrics
 
 from .deadletters import DeadLetters
-from .deployments import read_deployment
+from .deployments import Follower, read_deployment
 from .http import HttpRows, InferenceServer, listen
 from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
@@ -67,6 +67,11 @@ class ModelScorer:
         """What to serve next (a new production version, a canary), loaded and verified; swapped in between two
         batches."""
         self._refused: set[tuple[Wanted, tuple[float, ...]]] = set()
+        self.looking = False
+        self.scoring = False
+        """True while a batch is in the pipeline: a new serving is swapped in only between two batches."""
+        self.follower: Follower | None = None
+        """The deployment reader of the reload checks, made at the first."""
         self.refusal: str | None = None
         """Why the version the worker should serve was refused (shown at /status), None when it is served."""
 
@@ -84,6 +89,7 @@ class ModelScorer:
         flight.state = "scoring"
         taken = self.http.take(flight) if self.http is not None else []
         records = [*flight.records, *(waiting.message for waiting in taken)] if taken else flight.records
+        self.scoring = True
         try:
             self._swap_in_pending_model()
             outcome = await self._process(records)
@@ -91,6 +97,8 @@ class ModelScorer:
             log.exception("scoring a batch of %d messages failed beyond its isolation; dead-lettering each",
                           len(records))
             outcome = BatchOutcome([], [self.letters.failed(message, exc) for message in records], 0, 0, {})
+        finally:
+            self.scoring = False
         http_answered = 0
         if taken:  # HTTP rows are answered over HTTP: their messages leave the outcome before it is published
             try:
@@ -135,10 +143,24 @@ class ModelScorer:
         and canary (``streamscore models promote/canary/rollback``), or without a deployment the library's
         newest version that is not a variant. A version that fails its checks (missing, sha256 mismatch, bad
         manifest, a canary that reads other inputs than production) is refused, logged once, and what is
-        served keeps serving. The swap happens between two batches."""
+        served keeps serving. The swap happens between two batches (or at once when no batch is in the
+        pipeline). One look at a time: a look still loading when the next is due lets that one pass."""
+        if self.looking:
+            return
+        self.looking = True
+        try:
+            await self._look(settings, views)
+        finally:
+            self.looking = False
+
+    async def _look(self, settings: Settings, views: dict[str, FeatureView]) -> None:
+        if not self.scoring:  # no batch in the pipeline (no traffic): what was loaded is served from now on
+            self._swap_in_pending_model()
         serving = self.pipeline.serving
         name = serving.production.name
-        wanted = await wanted_serving(settings, name)
+        if self.follower is None:
+            self.follower = Follower(settings, name)
+        wanted = await wanted_serving(settings, name, self.follower)
         if wanted is None or self.pending_serving is not None:
             return
         have = _served(serving)
@@ -223,11 +245,13 @@ Wanted = tuple[str, str | None, float, tuple[str, ...]]
 """(production version, canary version or None, canary weight, shadow versions)."""
 
 
-async def wanted_serving(settings: Settings, model: str) -> Wanted | None:
+async def wanted_serving(settings: Settings, model: str, follower: Follower | None = None) -> Wanted | None:
     """What a worker should serve: the deployment's production and canary, or the library's newest version
-    that is not a variant without a deployment (None: nothing to serve; the library says why)."""
+    that is not a variant without a deployment (None: nothing to serve; the library says why). ``follower``
+    (the worker's long-lived reader) reads what changed since its last look; without it the topic is read."""
     try:
-        state = await asyncio.wait_for(read_deployment(settings, model), 10.0)
+        reading = follower.read() if follower is not None else read_deployment(settings, model)
+        state = await asyncio.wait_for(reading, 10.0)
     except Exception as exc:
         log.warning("%s: the deployment could not be read (%r); serving what is served", model, exc)
         return None
@@ -419,6 +443,9 @@ def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, a
             await super().on_stop()
             if watchdog is not None:
                 watchdog.stop()
+            for agent in agents.values():
+                if agent.follower is not None:
+                    await agent.follower.close()
 
     @app.on_before_shutdown.connect
     async def finish_batches(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

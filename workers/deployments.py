@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import logging
 import math
 import re
 import socket
@@ -57,6 +58,8 @@ from .library import ModelError, newest_primary, read_manifest, verified_artifac
 
 HISTORY_MAX = 20
 """Previous production versions kept for rollback (the oldest drop off)."""
+log = logging.getLogger(__name__)
+
 READ_TIMEOUT_S = 15.0
 """Longest a read of the deployments topic (beginning to end) may take."""
 
@@ -436,6 +439,68 @@ async def read_records(settings: Settings, model: str) -> list[Record]:
     async with _Reader(settings, topic) as reader:
         records, _ = await reader.read_all(model)
     return records
+
+
+class Follower:
+    """A worker's long-lived view of its model's deployment: one group-less consumer assigned the topic's one
+    partition, reading at each look only what was appended since the last (an end-offset request when nothing
+    was). Reading the whole topic with a new admin client and consumer at every reload check cost a worker most
+    of its idle CPU (a listing of every topic of the cluster each time). The topic is created (compacted) at the
+    first look, as the worker creates its other topics. A record that is not a deployment state is logged once
+    and skipped: the state stays the last valid one."""
+
+    def __init__(self, settings: Settings, model: str) -> None:
+        self.settings = settings
+        self.model = model
+        self.topic = topic_of(settings, model)
+        self.partition = TopicPartition(self.topic, 0)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._state: Deployment | None = None
+        self.invalid: str | None = None
+        """Why the newest record of the model was skipped (None when it was read)."""
+
+    async def read(self) -> Deployment | None:
+        """The deployment state in force (None: no record, or a tombstone); on a failure the consumer is
+        closed and the next look starts from the beginning again."""
+        try:
+            return await self._read()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _read(self) -> Deployment | None:
+        consumer = self._consumer
+        if consumer is None:
+            await ensure_topic(self.settings, self.model)
+            consumer = AIOKafkaConsumer(**client_kwargs(self.settings.kafka), enable_auto_commit=False,
+                                        group_id=None, auto_offset_reset="earliest")
+            await consumer.start()
+            consumer.assign([self.partition])
+            consumer.seek(self.partition, (await consumer.beginning_offsets([self.partition]))[self.partition])
+            self._consumer, self._state = consumer, None
+        end = (await consumer.end_offsets([self.partition]))[self.partition]
+        key = self.model.encode()
+        consumer.resume(self.partition)
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            while await consumer.position(self.partition) < end:
+                batch = await consumer.getmany(self.partition, timeout_ms=500)
+                for message in batch.get(self.partition, []):
+                    if message.key != key:
+                        continue
+                    try:
+                        self._state = _parse(message.value, message.offset, self.topic)
+                        self.invalid = None
+                    except DeploymentError as exc:
+                        self.invalid = str(exc)
+                        log.error("%s: skipped: %s", self.model, exc)
+        consumer.pause(self.partition)  # between two looks it fetches nothing
+        return self._state
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
 
 async def read_deployment(settings: Settings, model: str) -> Deployment | None:

@@ -71,7 +71,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         "STREAMSCORE_WORKER__WEB_PORT": str(_free_port()),
         # the Open Inference Protocol endpoint (docs/http.md): see http_address()
         "STREAMSCORE_HTTP__PORT": str(_free_port()),
-        "STREAMSCORE_WORKER__BATCH_WINDOW_MS": "20",
         "STREAMSCORE_WORKER__PARTITIONS": "2",
         "STREAMSCORE_WORKER__RELOAD_INTERVAL_S": "1",
         "STREAMSCORE_WORKER__REPLY_TO_PREFIXES": f'["allowed{run}."]',

@@ -205,3 +205,39 @@ def test_the_cli_says_in_one_line_when_kafka_does_not_answer(settings: Settings)
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and "Kafka at 127.0.0.1:1 did not answer" in done.stderr
+
+
+def test_a_workers_follower_reads_only_what_changed_and_skips_what_is_not_a_state(settings: Settings) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    async def scenario() -> list[Any]:
+        follower = d.Follower(settings, MODEL)
+        seen: list[Any] = [await follower.read()]  # creates the (compacted) topic; no record yet
+        try:
+            await d.change_deployment(settings, MODEL, lambda state, library: d.promote(state, "2", library))
+            seen.append(await follower.read())
+            await d.change_deployment(settings, MODEL, lambda state, library: d.canary(state, "3", 0.1, library))
+            seen.append(await follower.read())
+            seen.append(await follower.read())  # nothing appended: the same state
+            producer = AIOKafkaProducer(**client_kwargs(settings.kafka))
+            await producer.start()
+            try:
+                topic = d.topic_of(settings, MODEL)
+                await producer.send_and_wait(topic, b"{not a state", key=MODEL.encode())
+                seen.append((await follower.read(), follower.invalid))
+                await producer.send_and_wait(topic, None, key=MODEL.encode())  # a tombstone: no deployment
+                seen.append(await follower.read())
+            finally:
+                await producer.stop()
+        finally:
+            await follower.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[0] is None
+    assert seen[1].production == "2" and seen[1].canary is None
+    assert seen[2].canary is not None and seen[2].canary.version == "3" and seen[3] == seen[2]
+    state, invalid = seen[4]
+    assert state == seen[2] and invalid is not None and "not a deployment state" in invalid
+    assert seen[5] is None
+    assert asyncio.run(_cleanup_policy(settings)) == "compact"

@@ -132,7 +132,11 @@ async def lifecycle(scenario: Scenario, count: int, rate: float, seed: int = 21)
     changes = [await models_command(scenario, "promote", MODEL, "1")]
 
     messages = request_messages(scenario.prefix, count, scenario.library.cards, scenario.library.merchants, seed)
-    card_of = {message.ids[0]: message.key.decode() for message in messages}
+    # sent after the rollback's window whenever the rollback came (the restarted worker's return, which it
+    # waits for, takes a session timeout and more on a loaded machine): the rollback always meets traffic
+    tail = request_messages(f"{scenario.prefix}-tail", max(200, count // 25), scenario.library.cards,
+                            scenario.library.merchants, seed + 1)
+    card_of = {message.ids[0]: message.key.decode() for message in [*messages, *tail]}
     duration = count / rate
     first, second = scenario.worker("a"), scenario.worker("b")
     started = time.monotonic()
@@ -171,6 +175,8 @@ async def lifecycle(scenario: Scenario, count: int, rate: float, seed: int = 21)
                 await at(0.6)
                 changes.append(await models_command(scenario, "rollback", MODEL))
                 await sending
+                await asyncio.sleep(max(0.0, (changes[-1].returned_ms + WINDOW_MS) / 1000 - time.time()))
+                await load.send_all(tail)
                 await collector.settle(lambda: load.sent_ids <= collector.counts.keys(), timeout=120)
             finally:
                 await _finish(sending)
