@@ -35,6 +35,7 @@ from streamscore.workers.metrics import WorkerMetrics
 
 from .deadletters import DeadLetters
 from .deployments import Follower, read_deployment
+from .drift import Drift
 from .http import HttpRows, InferenceServer, listen
 from .library import ModelError, newest_primary
 from .pipeline import BatchOutcome, BatchPipeline
@@ -235,7 +236,8 @@ class ModelScorer:
         """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
         missing, invalid or not writable). None for the worker's own topics: those are retried until an
         operator fixes them (and the watchdog restarts a worker that cannot get them out)."""
-        own = (self.pipeline.predictions_topic, self.pipeline.dlq_topic, self.pipeline.shadow_topic)
+        own = (self.pipeline.predictions_topic, self.pipeline.dlq_topic, self.pipeline.shadow_topic,
+               topics.monitoring(self.pipeline.prefix, self.pipeline.model.name))
         if message[0] in own:  # a plain tuple, often
             return None
         return self.letters.undeliverable(message, error)
@@ -358,7 +360,7 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     prefix = settings.topic_prefix
     asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
         topics.requests(prefix, model), topics.predictions(prefix, model), topics.dead_letters(prefix, model),
-        topics.shadow(prefix, model))],
+        topics.shadow(prefix, model), topics.monitoring(prefix, model))],
         partitions=settings.worker.partitions))
     agents: dict[str, ModelScorer] = {}
     channels: dict[str, Any] = {}
@@ -370,6 +372,9 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
                                  registry=metrics.registry)
         pipeline.add_from_manifest(metrics.registry)
         attach_prediction_log(pipeline, settings, metrics.registry)
+        if settings.monitoring.drift and "drift" not in pipeline.stage_names:
+            pipeline.add(Drift(topics.monitoring(prefix, name), settings.monitoring, metrics.registry, name,
+                               pipeline.worker_id), after="infer")
         if customize is not None:
             customize(pipeline, metrics)
         log.info("%s v%s pipeline: %s", name, runtime.version, " -> ".join(pipeline.stage_names))

@@ -5,7 +5,8 @@ Observed once per batch (never per request), so they cost nothing on the hot pat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -110,3 +111,44 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DriftGauges:
+    """The drift stage's window figures (``workers/drift.py``), set at each window's close: per model, version and
+    column (input columns and outputs by name) the PSI and p-value against the training profile and whether it is
+    flagged; per model and version the share of requests with a defaulted entity and with a stale feature row."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        column = ["model", "version", "column"]
+        self.psi = Gauge("streamscore_drift_psi", "PSI of the last drift window against the training profile",
+                         column, registry=registry)
+        self.p_value = Gauge("streamscore_drift_pvalue", "p-value of the two-sample chi-square test of the last "
+                             "drift window against the training profile", column, registry=registry)
+        self.drifted = Gauge("streamscore_drift_flagged", "1 when the column was flagged drifted in the last window "
+                             "(PSI and p-value past their thresholds)", column, registry=registry)
+        self.defaulted = Gauge("streamscore_defaulted_share", "Share of the last drift window's requests with a "
+                               "defaulted (unknown or unavailable) entity", ["model", "version"], registry=registry)
+        self.stale = Gauge("streamscore_stale_share", "Share of the last drift window's requests that read a feature "
+                           "row older than its view's ttl_s", ["model", "version"], registry=registry)
+        self.windows = Counter("streamscore_drift_windows", "Drift windows closed and reported",
+                               ["model", "version"], registry=registry)
+
+    def observe(self, report: Mapping[str, Any]) -> None:
+        model, version = report["model"], report["version"]
+        for name, column in {**report["columns"], **report["outputs"]}.items():
+            self.psi.labels(model, version, name).set(column["psi"])
+            self.p_value.labels(model, version, name).set(column["p_value"])
+            self.drifted.labels(model, version, name).set(1.0 if column["drifted"] else 0.0)
+        self.defaulted.labels(model, version).set(report["defaulted_share"])
+        self.stale.labels(model, version).set(report["stale_share"])
+        self.windows.labels(model, version).inc()
+
+
+_DRIFT_GAUGES: weakref.WeakKeyDictionary[CollectorRegistry, DriftGauges] = weakref.WeakKeyDictionary()
+
+
+def drift_gauges(registry: CollectorRegistry) -> DriftGauges:
+    """The registry's drift gauges, made on first use: every model's drift stage of a worker shares them."""
+    if registry not in _DRIFT_GAUGES:
+        _DRIFT_GAUGES[registry] = DriftGauges(registry)
+    return _DRIFT_GAUGES[registry]
