@@ -10,8 +10,8 @@ not monitored; the worker logs that once, with the reason.
 
 Every window (``STREAMSCORE_MONITORING__WINDOW_REQUESTS`` scored requests of one version, or
 ``__WINDOW_S`` seconds, whichever closes it first; checked at each batch) the stage compares each column with
-its profile: PSI (``psi``) and a two-sample chi-square test of the window's binned counts against the training
-counts (``two_sample_pvalue``), both with scipy; a column is flagged ``drifted`` when its PSI reaches
+its profile (``drift_statistics``, scipy, one call per bin count for all columns): PSI and Pearson's chi-square
+test of the window's binned counts against the training shares; a column is flagged ``drifted`` when its PSI reaches
 ``__PSI_THRESHOLD`` and its p-value is at most ``__P_VALUE_THRESHOLD``. The window report (a msgpack map, see
 docs/wire-format.md#monitoring-window-reports) goes to ``<prefix>.<model>.monitoring`` with the batch's other
 messages (the worker's publisher: acknowledged before the batch's commit, never a blocking send), and the figures
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
-from scipy.stats import chi2_contingency, entropy
+from scipy.special import rel_entr
+from scipy.stats import chisquare
 
 from streamscore.settings import MonitoringSettings, get_settings
 from streamscore.streams import topics
@@ -46,32 +47,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHARE_FLOOR = 1e-4
-"""Shares below this count as this in PSI (an empty bin on either side would make it infinite)."""
+"""Shares below this count as this (an empty bin on either side would make PSI infinite and the test undefined)."""
+
+
+def _floored(shares: np.ndarray) -> np.ndarray:
+    floored = np.maximum(shares, SHARE_FLOOR)
+    return floored / floored.sum(axis=-1, keepdims=True)
+
+
+def drift_statistics(expected_shares: np.ndarray, observed_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PSI and p-value of each row of ``observed_counts`` (columns x bins, one row per column, all with the same
+    bins) against the training shares in the same row of ``expected_shares``; one scipy call for all the rows.
+
+    PSI: the population stability index sum((o - e) * ln(o / e)) over the bins, i.e. the symmetrised
+    Kullback-Leibler divergence of the two share vectors (``scipy.special.rel_entr`` both ways), each share
+    floored at ``SHARE_FLOOR``. p-value: Pearson's chi-square test of the counts against the training shares
+    (``scipy.stats.chisquare``; the training sample, much larger than a window, taken as the reference
+    distribution). A row with no count gets PSI 0 and p-value 1."""
+    expected = _floored(np.atleast_2d(np.asarray(expected_shares, dtype=np.float64)))
+    counts = np.atleast_2d(np.asarray(observed_counts, dtype=np.float64))
+    totals = counts.sum(axis=1)
+    psi_values, p_values = np.zeros(len(counts)), np.ones(len(counts))
+    seen = totals > 0
+    if seen.any():
+        observed = _floored(counts[seen] / totals[seen, None])
+        psi_values[seen] = (rel_entr(observed, expected[seen]) + rel_entr(expected[seen], observed)).sum(axis=1)
+        p_values[seen] = chisquare(counts[seen], expected[seen] * totals[seen, None], axis=1).pvalue
+    return psi_values, p_values
 
 
 def psi(expected_shares: np.ndarray, observed_counts: np.ndarray) -> float:
-    """Population stability index of observed bin counts against expected bin shares: the symmetrised
-    Kullback-Leibler divergence sum((o - e) * ln(o / e)) of the two distributions (scipy's ``entropy``), each
-    share floored at ``SHARE_FLOOR``."""
-    observed = np.asarray(observed_counts, dtype=np.float64)
-    if observed.sum() <= 0:
-        return 0.0
-    expected = np.maximum(np.asarray(expected_shares, dtype=np.float64), SHARE_FLOOR)
-    observed = np.maximum(observed / observed.sum(), SHARE_FLOOR)
-    expected, observed = expected / expected.sum(), observed / observed.sum()
-    return float(entropy(observed, expected) + entropy(expected, observed))
+    """PSI of one column's bin counts against its training shares (``drift_statistics``)."""
+    return float(drift_statistics(expected_shares, observed_counts)[0][0])
 
 
-def two_sample_pvalue(expected_shares: np.ndarray, training_rows: int, observed_counts: np.ndarray) -> float:
-    """p-value of the chi-square test that the window's binned values and the training values come from one
-    distribution (scipy's ``chi2_contingency`` on the 2 x bins table of their counts; bins empty on both sides
-    left out). 1.0 when fewer than two bins hold values."""
-    training = np.rint(np.asarray(expected_shares, dtype=np.float64) * training_rows)
-    table = np.vstack([training, np.asarray(observed_counts, dtype=np.float64)])
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] < 2 or table[1].sum() <= 0 or table[0].sum() <= 0:
-        return 1.0
-    return float(chi2_contingency(table).pvalue)
+def p_value(expected_shares: np.ndarray, observed_counts: np.ndarray) -> float:
+    """p-value of one column's bin counts against its training shares (``drift_statistics``)."""
+    return float(drift_statistics(expected_shares, observed_counts)[1][0])
 
 
 @dataclass
@@ -88,6 +100,16 @@ class _Columns:
     view_of_column: list[int]
     """Per profiled input column: index of its view in ``batch.fetched``, -1 for a request column."""
     bins: int
+    groups: dict[int, np.ndarray] = field(default_factory=dict)
+    """Bin count -> the columns (indices into ``names``) with that many bins."""
+    shares: dict[int, np.ndarray] = field(default_factory=dict)
+    """Bin count -> the training shares of those columns (one row each)."""
+
+    def __post_init__(self) -> None:
+        for bins in sorted({len(column.shares) for column in self.profiles}):
+            members = [j for j, column in enumerate(self.profiles) if len(column.shares) == bins]
+            self.groups[bins] = np.asarray(members, dtype=np.intp)
+            self.shares[bins] = np.array([self.profiles[j].shares for j in members], dtype=np.float64)
 
     def of_view(self, view_index: int) -> np.ndarray:
         """The profiled input columns read from that view."""
@@ -145,27 +167,40 @@ class _Tracker:
         """Count the scored rows at ``positions`` (of ``batch.scored_rows``) into the window."""
         columns, window = self.columns, self.window
         assert batch.inputs is not None
-        inputs = batch.inputs[positions][:, columns.input_positions]
-        rows = batch.scored_rows[positions]
-        values = [inputs[:, j] for j in range(inputs.shape[1])]
-        values += [batch.outputs[name][rows] if name in batch.outputs else None for name in columns.outputs]
-        for j, column in enumerate(values):
-            if column is None or column.ndim != 1:
-                continue
-            window.counts[j] += np.bincount(np.searchsorted(columns.edges[j], column, side="right"),
+        every_row = len(positions) == len(batch.scored_rows)
+        inputs = batch.inputs if every_row else batch.inputs[positions]
+        # one contiguous float64 row per column: searchsorted then reads it without a cast or a stride
+        block = np.ascontiguousarray(inputs[:, columns.input_positions].T, dtype=np.float64)
+        window.sums[:len(block)] += block.sum(axis=1)
+        for j in range(len(block)):
+            window.counts[j] += np.bincount(np.searchsorted(columns.edges[j], block[j], side="right"),
                                             minlength=columns.bins)
-            window.sums[j] += float(column.sum(dtype=np.float64))
+        rows = batch.scored_rows if every_row else batch.scored_rows[positions]
+        for j, name in enumerate(columns.outputs, start=len(block)):
+            output = batch.outputs.get(name)
+            if output is None or output.ndim != 1:
+                continue
+            values = output[rows]
+            window.counts[j] += np.bincount(np.searchsorted(columns.edges[j], values, side="right"),
+                                            minlength=columns.bins)
+            window.sums[j] += float(values.sum(dtype=np.float64))
         window.requests += len(positions)
+        self._add_defaulted_and_stale(batch, positions, every_row)
+
+    def _add_defaulted_and_stale(self, batch: ScoringBatch, positions: np.ndarray, every_row: bool) -> None:
+        window = self.window
         defaulted_rows = np.zeros(len(positions), dtype=bool)
         stale_rows = np.zeros(len(positions), dtype=bool)
         for view_index, fetched in enumerate(batch.fetched):
-            missing = np.zeros(len(batch.scored_rows), dtype=bool)
-            missing[fetched.missing] = True
-            missing = missing[positions]
-            defaulted_rows |= missing
-            window.defaulted[self.view_columns[view_index]] += int(missing.sum())
+            if fetched.missing:  # usually empty: every entity known
+                missing = np.zeros(len(batch.scored_rows), dtype=bool)
+                missing[np.asarray(fetched.missing, dtype=np.intp)] = True
+                if not every_row:
+                    missing = missing[positions]
+                defaulted_rows |= missing
+                window.defaulted[self.view_columns[view_index]] += int(missing.sum())
             if fetched.view.ttl_s is not None:
-                stamps = fetched.event_ts_ms[positions]
+                stamps = fetched.event_ts_ms if every_row else fetched.event_ts_ms[positions]
                 stale_rows |= (stamps > 0) & (stamps < batch.received_ms - fetched.view.ttl_s * 1000)
         window.defaulted_rows += int(defaulted_rows.sum())
         window.stale_rows += int(stale_rows.sum())
@@ -177,18 +212,21 @@ class _Tracker:
 
     def close(self, now: int, settings: MonitoringSettings, worker_id: str) -> dict[str, Any]:
         """The window's report; a new window opens."""
-        window, columns, training_rows = self.window, self.columns, self.profile.rows
+        window, columns = self.window, self.columns
         self.window = self._new_window(now)
+        psi_values, p_values = np.zeros(len(columns.names)), np.ones(len(columns.names))
+        for bins, members in columns.groups.items():  # one scipy call per bin count, not one per column
+            psi_values[members], p_values[members] = drift_statistics(columns.shares[bins],
+                                                                      window.counts[members, :bins])
         reports: dict[str, dict[str, Any]] = {}
         for j, (name, column) in enumerate(zip(columns.names, columns.profiles, strict=True)):
             counts = window.counts[j, :len(column.shares)]
             seen = int(counts.sum())
-            column_psi = psi(np.asarray(column.shares), counts)
-            p_value = two_sample_pvalue(np.asarray(column.shares), training_rows, counts)
+            column_psi, column_p = float(psi_values[j]), float(p_values[j])
             reports[name] = {
-                "psi": column_psi, "p_value": p_value,
+                "psi": column_psi, "p_value": column_p,
                 "drifted": bool(seen > 0 and column_psi >= settings.psi_threshold
-                                and p_value <= settings.p_value_threshold),
+                                and column_p <= settings.p_value_threshold),
                 "mean": float(window.sums[j] / seen) if seen else None, "training_mean": column.mean,
                 "default_share": (float(window.defaulted[j] / window.requests)
                                   if j < len(columns.input_positions) and columns.view_of_column[j] >= 0 else None),
@@ -205,7 +243,7 @@ class _Tracker:
             "defaulted_share": window.defaulted_rows / window.requests,
             "stale_share": window.stale_rows / window.requests,
             "psi_threshold": settings.psi_threshold, "p_value_threshold": settings.p_value_threshold,
-            "training_rows": training_rows, "sent_ms": now_ms(),
+            "training_rows": self.profile.rows, "sent_ms": now_ms(),
         }
 
 

@@ -19,7 +19,7 @@ from streamscore.settings import MonitoringSettings, Settings, WorkerSettings
 from streamscore.streams.clock import now_ms
 from streamscore.streams.records import Inbound
 from streamscore.workers import drift as drift_module
-from streamscore.workers.drift import Drift, psi, two_sample_pvalue
+from streamscore.workers.drift import Drift, drift_statistics, p_value, psi
 from streamscore.workers.pipeline import BatchPipeline
 from streamscore.workers.profile import bin_index, build_profile, column_profile
 from streamscore.workers.runtime import load_model
@@ -44,17 +44,22 @@ def test_a_shifted_sample_has_a_large_psi_and_a_small_p_value():
     same = _binned(rng.normal(0.0, 1.0, 5000), profile.edges)
     shifted = _binned(rng.normal(0.7, 1.0, 5000), profile.edges)
     assert psi(np.asarray(profile.shares), same) < 0.02
-    assert two_sample_pvalue(np.asarray(profile.shares), TRAIN, same) > 0.05
+    assert p_value(np.asarray(profile.shares), same) > 0.05
     assert psi(np.asarray(profile.shares), shifted) > 0.3
-    assert two_sample_pvalue(np.asarray(profile.shares), TRAIN, shifted) < 1e-10
+    assert p_value(np.asarray(profile.shares), shifted) < 1e-10
+    # all columns in one call give what one column alone gives
+    psis, p_values = drift_statistics(np.vstack([profile.shares] * 2), np.vstack([same, shifted]))
+    assert psis.tolist() == [psi(np.asarray(profile.shares), same), psi(np.asarray(profile.shares), shifted)]
+    assert p_values[0] > 0.05 and p_values[1] < 1e-10
 
 
 def test_an_empty_bin_on_either_side_keeps_the_statistics_finite():
     shares = np.array([0.5, 0.5, 0.0])
     assert np.isfinite(psi(shares, np.array([0, 10, 90])))
-    assert two_sample_pvalue(shares, 1000, np.array([0, 10, 90])) < 1e-10
-    assert psi(shares, np.array([0, 0, 0])) == 0.0 and two_sample_pvalue(shares, 1000, np.array([0, 0, 0])) == 1.0
-    assert two_sample_pvalue(np.array([1.0, 0.0]), 100, np.array([50, 0])) == 1.0  # one bin holds everything
+    assert p_value(shares, np.array([0, 10, 90])) < 1e-10  # values where training had none
+    assert psi(shares, np.array([0, 0, 0])) == 0.0 and p_value(shares, np.array([0, 0, 0])) == 1.0
+    assert psi(np.array([1.0, 0.0]), np.array([50, 0])) < 1e-6  # as in training: every value in one bin
+    assert p_value(np.array([1.0, 0.0]), np.array([50, 0])) > 0.5
 
 
 # --- the stage in a pipeline ---------------------------------------------------------------------------------
