@@ -211,7 +211,8 @@ class MonitoringSettings(_Strict):
     """A column is flagged drifted when its PSI against the training profile reaches this (0.1: a moderate
     shift, 0.2: a significant one, by the usual rule of thumb) and its p-value is at most ``p_value_threshold``."""
     p_value_threshold: float = Field(default=0.01, gt=0, le=1)
-    """Largest p-value of the two-sample test (chi-square on the binned counts) at which a column is flagged."""
+    """Largest p-value of the chi-square test (the window's binned counts against the training shares) at which a
+    column is flagged."""
 
 
 class Settings(BaseSettings):

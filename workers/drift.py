@@ -10,7 +10,7 @@ not monitored; the worker logs that once, with the reason.
 
 Every window (``STREAMSCORE_MONITORING__WINDOW_REQUESTS`` scored requests of one version, or
 ``__WINDOW_S`` seconds, whichever closes it first; checked at each batch) the stage compares each column with
-its profile (``drift_statistics``, scipy, one call per bin count for all columns): PSI and Pearson's chi-square
+its profile (``drift_statistics``: scipy, one call for all the columns): PSI and Pearson's chi-square
 test of the window's binned counts against the training shares; a column is flagged ``drifted`` when its PSI reaches
 ``__PSI_THRESHOLD`` and its p-value is at most ``__P_VALUE_THRESHOLD``. The window report (a msgpack map, see
 docs/wire-format.md#monitoring-window-reports) goes to ``<prefix>.<model>.monitoring`` with the batch's other
@@ -50,30 +50,40 @@ SHARE_FLOOR = 1e-4
 """Shares below this count as this (an empty bin on either side would make PSI infinite and the test undefined)."""
 
 
-def _floored(shares: np.ndarray) -> np.ndarray:
-    floored = np.maximum(shares, SHARE_FLOOR)
-    return floored / floored.sum(axis=-1, keepdims=True)
-
-
-def drift_statistics(expected_shares: np.ndarray, observed_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PSI and p-value of each row of ``observed_counts`` (columns x bins, one row per column, all with the same
-    bins) against the training shares in the same row of ``expected_shares``; one scipy call for all the rows.
+def drift_statistics(expected_shares: np.ndarray, observed_counts: np.ndarray,
+                     bins: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """PSI and p-value of each row of ``observed_counts`` (columns x bins, one row per column) against the
+    training shares in the same row of ``expected_shares``, in one scipy call for every row. ``bins``: how many
+    leading entries of each row are bins (a row of a column with fewer bins is padded; all of them when None).
 
     PSI: the population stability index sum((o - e) * ln(o / e)) over the bins, i.e. the symmetrised
     Kullback-Leibler divergence of the two share vectors (``scipy.special.rel_entr`` both ways), each share
     floored at ``SHARE_FLOOR``. p-value: Pearson's chi-square test of the counts against the training shares
     (``scipy.stats.chisquare``; the training sample, much larger than a window, taken as the reference
-    distribution). A row with no count gets PSI 0 and p-value 1."""
-    expected = _floored(np.atleast_2d(np.asarray(expected_shares, dtype=np.float64)))
+    distribution; a padded entry is 1 observed against 1 expected, which adds nothing, and one degree of freedom
+    less). A row with no count gets PSI 0 and p-value 1."""
     counts = np.atleast_2d(np.asarray(observed_counts, dtype=np.float64))
-    totals = counts.sum(axis=1)
-    psi_values, p_values = np.zeros(len(counts)), np.ones(len(counts))
+    rows, width = counts.shape
+    valid = (np.arange(width)[None, :] < (np.full(rows, width) if bins is None else np.asarray(bins))[:, None])
+    totals = np.where(valid, counts, 0.0).sum(axis=1)
+    psi_values, p_values = np.zeros(rows), np.ones(rows)
     seen = totals > 0
-    if seen.any():
-        observed = _floored(counts[seen] / totals[seen, None])
-        psi_values[seen] = (rel_entr(observed, expected[seen]) + rel_entr(expected[seen], observed)).sum(axis=1)
-        p_values[seen] = chisquare(counts[seen], expected[seen] * totals[seen, None], axis=1).pvalue
+    if not seen.any():
+        return psi_values, p_values
+    valid, counts, totals = valid[seen], np.where(valid, counts, 0.0)[seen], totals[seen]
+    expected = _floored(np.atleast_2d(np.asarray(expected_shares, dtype=np.float64))[seen], valid)
+    observed = _floored(counts / totals[:, None], valid)
+    psi_values[seen] = (rel_entr(observed, expected) + rel_entr(expected, observed)).sum(axis=1)
+    padding = ~valid
+    p_values[seen] = chisquare(np.where(padding, 1.0, counts), np.where(padding, 1.0, expected * totals[:, None]),
+                               ddof=padding.sum(axis=1), axis=1).pvalue
     return psi_values, p_values
+
+
+def _floored(shares: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Shares floored at SHARE_FLOOR and summing to 1 over the valid entries; 0 on the others."""
+    floored = np.where(valid, np.maximum(shares, SHARE_FLOOR), 0.0)
+    return floored / floored.sum(axis=-1, keepdims=True)
 
 
 def psi(expected_shares: np.ndarray, observed_counts: np.ndarray) -> float:
@@ -100,16 +110,15 @@ class _Columns:
     view_of_column: list[int]
     """Per profiled input column: index of its view in ``batch.fetched``, -1 for a request column."""
     bins: int
-    groups: dict[int, np.ndarray] = field(default_factory=dict)
-    """Bin count -> the columns (indices into ``names``) with that many bins."""
-    shares: dict[int, np.ndarray] = field(default_factory=dict)
-    """Bin count -> the training shares of those columns (one row each)."""
+    shares: np.ndarray = field(init=False)
+    """The training shares, one row per column, padded with 0 to ``bins``."""
+    bins_of_column: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        for bins in sorted({len(column.shares) for column in self.profiles}):
-            members = [j for j, column in enumerate(self.profiles) if len(column.shares) == bins]
-            self.groups[bins] = np.asarray(members, dtype=np.intp)
-            self.shares[bins] = np.array([self.profiles[j].shares for j in members], dtype=np.float64)
+        self.bins_of_column = np.array([len(column.shares) for column in self.profiles], dtype=np.intp)
+        self.shares = np.zeros((len(self.profiles), self.bins), dtype=np.float64)
+        for j, column in enumerate(self.profiles):
+            self.shares[j, :len(column.shares)] = column.shares
 
     def of_view(self, view_index: int) -> np.ndarray:
         """The profiled input columns read from that view."""
@@ -214,10 +223,7 @@ class _Tracker:
         """The window's report; a new window opens."""
         window, columns = self.window, self.columns
         self.window = self._new_window(now)
-        psi_values, p_values = np.zeros(len(columns.names)), np.ones(len(columns.names))
-        for bins, members in columns.groups.items():  # one scipy call per bin count, not one per column
-            psi_values[members], p_values[members] = drift_statistics(columns.shares[bins],
-                                                                      window.counts[members, :bins])
+        psi_values, p_values = drift_statistics(columns.shares, window.counts, columns.bins_of_column)
         reports: dict[str, dict[str, Any]] = {}
         for j, (name, column) in enumerate(zip(columns.names, columns.profiles, strict=True)):
             counts = window.counts[j, :len(column.shares)]

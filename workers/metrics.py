@@ -122,7 +122,7 @@ class DriftGauges:
         column = ["model", "version", "column"]
         self.psi = Gauge("streamscore_drift_psi", "PSI of the last drift window against the training profile",
                          column, registry=registry)
-        self.p_value = Gauge("streamscore_drift_pvalue", "p-value of the two-sample chi-square test of the last "
+        self.p_value = Gauge("streamscore_drift_pvalue", "p-value of the chi-square test of the last "
                              "drift window against the training profile", column, registry=registry)
         self.drifted = Gauge("streamscore_drift_flagged", "1 when the column was flagged drifted in the last window "
                              "(PSI and p-value past their thresholds)", column, registry=registry)

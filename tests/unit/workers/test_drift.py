@@ -51,6 +51,14 @@ def test_a_shifted_sample_has_a_large_psi_and_a_small_p_value():
     psis, p_values = drift_statistics(np.vstack([profile.shares] * 2), np.vstack([same, shifted]))
     assert psis.tolist() == [psi(np.asarray(profile.shares), same), psi(np.asarray(profile.shares), shifted)]
     assert p_values[0] > 0.05 and p_values[1] < 1e-10
+    # a column with fewer bins, padded to the others' width, gives what it gives alone
+    flag_shares, flag_counts = np.array([0.9, 0.1]), np.array([700, 300])
+    padded_psi, padded_p = drift_statistics(
+        np.vstack([profile.shares, np.pad(flag_shares, (0, 8))]), np.vstack([shifted, np.pad(flag_counts, (0, 8))]),
+        np.array([10, 2]))
+    assert padded_psi[1] == pytest.approx(psi(flag_shares, flag_counts), rel=1e-12)
+    assert padded_p[1] == pytest.approx(p_value(flag_shares, flag_counts), rel=1e-9)
+    assert padded_psi[0] == pytest.approx(psis[1], rel=1e-12) and padded_p[0] == pytest.approx(p_values[1])
 
 
 def test_an_empty_bin_on_either_side_keeps_the_statistics_finite():
