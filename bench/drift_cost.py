@@ -5,8 +5,9 @@ and its model in ``demo-data/models``) copies the demo model into a scratch libr
 training profile (the drift stage has nothing to watch: monitoring off) and as v2 with one (the manifest's
 profile, or one made here from the demo's training matrix and the artifact's own scores on it: monitoring on).
 Both are the same artifact, so the difference is the drift stage's work. One worker (window
-``--window-requests``) drains a backlog of ``--requests`` demo requests per round; rounds alternate v1 and v2
-(``streamscore models promote``), ``--rounds`` of each after a warm-up, so both see the same machine load.
+``--window-requests``) drains a backlog of ``--requests`` demo requests per drain; each round drains once with v1
+and once with v2 (``streamscore models promote``), off first in even rounds and on first in odd ones (so a trend
+in the machine's load cancels out), ``--rounds`` rounds after a warm-up.
 Requests/s is answered / (last - first prediction's Kafka timestamp). Writes ``drift_cost.{json,md,png}`` into
 ``--out``: the median of each, and their ratio.
 """
@@ -68,6 +69,51 @@ def _library(source: Path, scratch: Path, seed: int, n_train: int) -> None:
         path.write_text(json.dumps({**manifest, "version": version, "profile": profile if with_profile else None}))
 
 
+def pipeline_cost(library: Path, views_file: Path, batches: int, window_requests: int) -> dict[str, Any]:
+    """The same pipeline (v2, the in-memory store holding the demo's rows) with the drift stage and without,
+    batch after batch in alternating order on the same 2048 demo requests: seconds per batch, median of each."""
+    import msgpack
+    from prometheus_client import CollectorRegistry
+
+    from streamscore.featurestore.store import FeatureStore
+    from streamscore.featurestore.views import load_views
+    from streamscore.settings import MonitoringSettings, WorkerSettings
+    from streamscore.streams.records import Inbound
+    from streamscore.workers.drift import Drift
+    from streamscore.workers.pipeline import BatchPipeline
+    from streamscore.workers.runtime import load_model
+    from streamscore_examples.fraud.data import generate_feature_rows
+    from streamscore_examples.fraud.requests import FEATURE_SEED
+
+    views = load_views(views_file)
+    store = FeatureStore(Settings(online_store="memory", cache="none"), views)
+    store.connect()
+    for view, rows in generate_feature_rows(FEATURE_SEED).items():
+        asyncio.run(store.put(view, [(entity, values, None) for entity, values in rows.items()]))
+    runtime = load_model(library, MODEL, views, WorkerSettings(), "2")
+    plain, watched = (BatchPipeline(runtime, store, "bench", worker_id="bench") for _ in range(2))
+    for pipeline in (plain, watched):
+        pipeline.add_from_manifest(None)
+    watched.add(Drift("bench.fraud.monitoring", MonitoringSettings(window_requests=window_requests),
+                      CollectorRegistry(), MODEL, "bench"), after="infer")
+    messages = [Inbound(msgpack.packb(request), b"k", "bench.fraud.requests", 0, offset)
+                for offset, request in enumerate(demo_requests(2048, seed=11, id_prefix="component"))]
+    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    stage_us: list[int] = []
+    for index in range(batches + 5):
+        for mode, pipeline in (("off", plain), ("on", watched))[:: 1 if index % 2 == 0 else -1]:
+            started = time.perf_counter()
+            outcome = asyncio.run(pipeline.process(messages))
+            if index >= 5:  # after a warm-up
+                seconds[mode].append(time.perf_counter() - started)
+                if mode == "on":
+                    stage_us.append(outcome.timings_us["drift"])
+    off, on = statistics.median(seconds["off"]), statistics.median(seconds["on"])
+    return {"batches": batches, "batch_requests": len(messages), "median_off_s": off, "median_on_s": on,
+            "ratio": off / on, "drift_stage_median_us": statistics.median(stage_us),
+            "drift_stage_mean_us": statistics.fmean(stage_us)}
+
+
 def _stage_seconds(port: int) -> dict[str, float]:
     """Seconds spent per pipeline stage so far (the worker's streamscore_stage_seconds sums at /metrics)."""
     import urllib.request
@@ -101,6 +147,8 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=Path("demo-data/models"))
     parser.add_argument("--seed", type=int, default=7, help="The demo model's training seed (profile made here).")
     parser.add_argument("--n-train", type=int, default=60_000)
+    parser.add_argument("--component-batches", type=int, default=200,
+                        help="Batches of 2048 through the pipeline alone, with drift and without (each).")
     args = parser.parse_args()
     source = args.library / MODEL / "1"
     if not source.is_dir():
@@ -127,7 +175,8 @@ def main() -> None:
         warm = asyncio.run(_drain(settings, list(demo_requests(args.requests, seed=11, id_prefix="warm"))))
         print(f"warm-up: {warm:,.0f} requests/s")
         for round_number in range(args.rounds):
-            for mode, version in (("off", "1"), ("on", "2")):
+            order = (("off", "1"), ("on", "2"))
+            for mode, version in order if round_number % 2 == 0 else order[::-1]:  # ABBA: a trend cancels out
                 _promote(env, settings, version)
                 backlog = list(demo_requests(args.requests, seed=11, id_prefix=f"{mode}{round_number}"))
                 before = _stage_seconds(port)
@@ -141,11 +190,14 @@ def main() -> None:
         worker.wait(60)
         log.close()
     windows = (scratch / "worker.log").read_text(errors="replace").count("drift in ")
-    _write(args, warm, rates, drift_share, windows)
+    component = pipeline_cost(scratch, settings.views_file, args.component_batches, args.window_requests)
+    print(f"pipeline alone: {component['ratio']:.3f} of the batches/s with drift on "
+          f"(drift stage {component['drift_stage_mean_us']:.0f} us per batch of 2048 on average)")
+    _write(args, warm, rates, drift_share, windows, component)
 
 
 def _write(args: argparse.Namespace, warm: float, rates: dict[str, list[float]], drift_share: list[float],
-           drifted_windows: int) -> None:
+           drifted_windows: int, component: dict[str, Any]) -> None:
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     share = statistics.median(drift_share)
     result = {"requests": args.requests, "rounds": args.rounds, "window_requests": args.window_requests,
@@ -153,7 +205,7 @@ def _write(args: argparse.Namespace, warm: float, rates: dict[str, list[float]],
               "median_off_rps": off, "median_on_rps": on, "ratio": on / off,
               "round_ratios": [b / a for a, b in zip(rates["off"], rates["on"], strict=True)],
               "drift_stage_share_of_pipeline_time": drift_share, "median_drift_stage_share": share,
-              "windows_logged_drifted": drifted_windows,
+              "windows_logged_drifted": drifted_windows, "pipeline_alone": component,
               "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,13 +213,18 @@ def _write(args: argparse.Namespace, warm: float, rates: dict[str, list[float]],
     rows = "".join(f"| {round_number + 1} | {a:,.0f} | {b:,.0f} | {b / a:.3f} |\n"
                    for round_number, (a, b) in enumerate(zip(rates["off"], rates["on"], strict=True)))
     (args.out / "drift_cost.md").write_text(
-        "# Drift monitoring off against on (one worker, one run, backlogs drained, rounds alternating)\n\n"
+        "# Drift monitoring off against on (one worker, one run, backlogs drained, rounds off/on and on/off)\n\n"
         f"{args.requests:,} demo requests per drain; drift window {args.window_requests:,} requests.\n\n"
         "| round | drift off (requests/s) | drift on (requests/s) | on / off |\n|---:|---:|---:|---:|\n"
         f"{rows}| median | {off:,.0f} | {on:,.0f} | {on / off:.3f} |\n\n"
         f"cost: {100 * (1 - on / off):.1f}% of the throughput (target: at most 5%). The drift stage's own share "
         f"of the pipeline's time with drift on (streamscore_stage_seconds at /metrics, same rounds): median "
         f"{100 * share:.1f}% ({', '.join(f'{100 * value:.1f}%' for value in drift_share)}).\n\n"
+        f"The pipeline alone (no Kafka; in-memory feature store with the demo's rows; {component['batches']} batches "
+        f"of {component['batch_requests']} each way, alternating): median {1000 * component['median_off_s']:.1f} ms "
+        f"per batch without drift, {1000 * component['median_on_s']:.1f} ms with: {component['ratio']:.3f} of the "
+        f"batches/s; the drift stage itself {component['drift_stage_mean_us']:.0f} us per batch on average "
+        f"(median {component['drift_stage_median_us']:.0f} us; window closes included).\n\n"
         f"{result['date']}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} (the machine's other work "
         "moves throughput between rounds: read the ratio against the per-round spread)\n")
     _plot(args.out / "drift_cost.png", rates, on / off)

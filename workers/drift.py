@@ -2,11 +2,11 @@
 
 Placed after ``infer`` in every model's pipeline (``STREAMSCORE_MONITORING__DRIFT=false`` leaves it out). For
 each version that scored rows of the batch and whose manifest has a training profile (``workers/profile.py``),
-it counts every profiled input column and output into the profile's bins (one ``np.searchsorted`` and one
-``np.bincount`` per column over the whole batch: no per-request Python), adds the column sums, the defaulted
-values (view columns whose entity had no row or could not be read), the rows with a defaulted entity and the
-rows that read a stale feature row (event time older than the view's ``ttl_s``). A version without a profile is
-not monitored; the worker logs that once, with the reason.
+it counts every profiled input column and output into the profile's bins (``profile.bin_counts``: one numpy
+comparison of the whole batch with every edge of every column, and one count; no per-request Python), adds the
+column sums, the defaulted values (view columns whose entity had no row or could not be read), the rows with a
+defaulted entity and the rows that read a stale feature row (event time older than the view's ``ttl_s``). A
+version without a profile is not monitored; the worker logs that once, with the reason.
 
 Every window (``STREAMSCORE_MONITORING__WINDOW_REQUESTS`` scored requests of one version, or
 ``__WINDOW_S`` seconds, whichever closes it first; checked at each batch) the stage compares each column with
@@ -36,7 +36,7 @@ from streamscore.streams import topics
 from streamscore.streams.clock import now_ms
 
 from .metrics import DriftGauges, drift_gauges
-from .profile import ColumnProfile, TrainingProfile
+from .profile import ColumnProfile, TrainingProfile, bin_counts
 from .stages import OK, ScoringBatch, register_stage
 
 if TYPE_CHECKING:
@@ -102,7 +102,6 @@ class _Columns:
 
     names: list[str]
     profiles: list[ColumnProfile]
-    edges: list[np.ndarray]
     input_positions: np.ndarray
     """Column of the model input matrix of each profiled input column."""
     outputs: list[str]
@@ -112,13 +111,17 @@ class _Columns:
     bins: int
     shares: np.ndarray = field(init=False)
     """The training shares, one row per column, padded with 0 to ``bins``."""
+    padded_edges: np.ndarray = field(init=False)
+    """The edges, one row per column, padded with +inf to ``bins - 1`` (``profile.bin_counts``)."""
     bins_of_column: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.bins_of_column = np.array([len(column.shares) for column in self.profiles], dtype=np.intp)
         self.shares = np.zeros((len(self.profiles), self.bins), dtype=np.float64)
+        self.padded_edges = np.full((len(self.profiles), self.bins - 1), np.inf)
         for j, column in enumerate(self.profiles):
             self.shares[j, :len(column.shares)] = column.shares
+            self.padded_edges[j, :len(column.edges)] = column.edges
 
     def of_view(self, view_index: int) -> np.ndarray:
         """The profiled input columns read from that view."""
@@ -134,7 +137,6 @@ class _Columns:
         outputs = [output.name for output in runtime.manifest.outputs if output.name in profile.outputs]
         profiles = [profile.columns[name] for name in inputs] + [profile.outputs[name] for name in outputs]
         return cls(names=inputs + outputs, profiles=profiles,
-                   edges=[np.asarray(column.edges, dtype=np.float64) for column in profiles],
                    input_positions=positions, outputs=outputs, view_of_column=views,
                    bins=max(len(column.shares) for column in profiles))
 
@@ -178,21 +180,20 @@ class _Tracker:
         assert batch.inputs is not None
         every_row = len(positions) == len(batch.scored_rows)
         inputs = batch.inputs if every_row else batch.inputs[positions]
-        # one contiguous float64 row per column: searchsorted then reads it without a cast or a stride
-        block = np.ascontiguousarray(inputs[:, columns.input_positions].T, dtype=np.float64)
-        window.sums[:len(block)] += block.sum(axis=1)
-        for j in range(len(block)):
-            window.counts[j] += np.bincount(np.searchsorted(columns.edges[j], block[j], side="right"),
-                                            minlength=columns.bins)
         rows = batch.scored_rows if every_row else batch.scored_rows[positions]
-        for j, name in enumerate(columns.outputs, start=len(block)):
+        inputs_profiled = len(columns.input_positions)
+        block = np.empty((len(columns.names), len(positions)), dtype=np.float64)  # one row per column
+        block[:inputs_profiled] = inputs[:, columns.input_positions].T
+        present = np.ones(len(columns.names), dtype=bool)
+        for j, name in enumerate(columns.outputs, start=inputs_profiled):
             output = batch.outputs.get(name)
             if output is None or output.ndim != 1:
-                continue
-            values = output[rows]
-            window.counts[j] += np.bincount(np.searchsorted(columns.edges[j], values, side="right"),
-                                            minlength=columns.bins)
-            window.sums[j] += float(values.sum(dtype=np.float64))
+                present[j], block[j] = False, 0.0
+            else:
+                block[j] = output[rows]
+        counts = bin_counts(block, columns.padded_edges)
+        window.counts[present] += counts[present]
+        window.sums[present] += block.sum(axis=1)[present]
         window.requests += len(positions)
         self._add_defaulted_and_stale(batch, positions, every_row)
 

@@ -8,8 +8,8 @@ the range and the share of defaulted values. Beside them: the sha256 of the trai
 parameters and the code version, so a version can be traced back to what made it.
 
 Bins: with ``edges`` ``e0 < e1 < ... < ek``, bin 0 holds ``x < e0``, bin i holds ``e(i-1) <= x < ei`` and bin
-k+1 holds ``x >= ek`` (``np.searchsorted(edges, x, side="right")``); the same function bins training and live
-values, so they always meet the same bins.
+k+1 holds ``x >= ek`` (``np.searchsorted(edges, x, side="right")``); one function (``bin_counts``) counts
+training and live values into them, so they always meet the same bins.
 
 ``build_profile`` is the one function that makes a profile; a training recipe calls it on its training matrix
 (named columns) and its model's scores on that matrix.
@@ -78,8 +78,19 @@ class TrainingProfile(BaseModel):
 
 
 def bin_index(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The bin of each value (0 .. len(edges)); the one binning rule of training and live values."""
+    """The bin of each value (0 .. len(edges)), by the binning rule of the module's note."""
     return np.searchsorted(edges, values, side="right")
+
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Per row of ``values`` (columns x values), the count of its values in each bin of the same row of
+    ``edges`` (columns x edges, ascending, padded with +inf): columns x (edges + 1), the counts ``bin_index``
+    would give (for finite values). One comparison of every value with every edge and one count, for all the
+    columns at once: at the widths of a profile (at most 9 edges) this beats a binary search per value."""
+    above = values[:, None, :] >= edges[:, :, None]
+    at_or_above = above.view(np.uint8).sum(axis=2, dtype=np.int64)  # a bool sum in bytes: faster than count_nonzero
+    total = np.full((len(values), 1), values.shape[1], dtype=np.int64)
+    return -np.diff(np.concatenate([total, at_or_above, np.zeros_like(total)], axis=1), axis=1)
 
 
 def _edges(values: np.ndarray, bins: int) -> np.ndarray:
@@ -98,7 +109,7 @@ def column_profile(values: np.ndarray, defaulted: np.ndarray | None = None, bins
     if not np.isfinite(column).all():
         raise ValueError("cannot profile a column with NaN or infinite values")
     edges = _edges(column, bins)
-    counts = np.bincount(bin_index(edges, column), minlength=len(edges) + 1)
+    counts = bin_counts(column[None, :], edges[None, :])[0]
     shares = counts / counts.sum()
     default_share = None if defaulted is None else float(np.asarray(defaulted, dtype=bool).mean())
     return ColumnProfile(edges=tuple(edges.tolist()), shares=tuple(shares.tolist()), mean=float(column.mean()),

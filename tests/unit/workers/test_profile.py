@@ -11,7 +11,14 @@ import pytest
 from pydantic import ValidationError
 
 from streamscore.workers.library import MANIFEST, Manifest, ModelError, read_manifest
-from streamscore.workers.profile import bin_index, build_profile, column_profile, data_sha256, profile_table
+from streamscore.workers.profile import (
+    bin_counts,
+    bin_index,
+    build_profile,
+    column_profile,
+    data_sha256,
+    profile_table,
+)
 from tests.contract.artifacts import MANIFEST as TINY
 
 SHA = "ab" * 32
@@ -94,3 +101,19 @@ def test_column_names_spell_out_wide_request_inputs():
     manifest = Manifest.model_validate({**TINY, "sha256": SHA, "inputs": [
         {"name": "embedding", "source": "request", "size": 3}, {"name": "card.spend", "source": "view"}]})
     assert manifest.column_names == ["embedding[0]", "embedding[1]", "embedding[2]", "card.spend"]
+
+
+def test_bin_counts_of_many_columns_at_once_match_the_bins_of_each():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(3, 500))
+    values[2] = np.round(values[2])
+    profiles = [column_profile(row) for row in values[:, :300]]
+    width = max(len(profile.edges) for profile in profiles)
+    edges = np.full((3, width), np.inf)
+    for j, profile in enumerate(profiles):
+        edges[j, :len(profile.edges)] = profile.edges
+    counts = bin_counts(values, edges)
+    for j, profile in enumerate(profiles):
+        expected = np.bincount(bin_index(np.asarray(profile.edges), values[j]), minlength=len(profile.shares))
+        assert counts[j, :len(profile.shares)].tolist() == expected.tolist()
+        assert counts[j, len(profile.shares):].sum() == 0
