@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from typing import Any
 
@@ -79,3 +80,10 @@ def test_shifted_requests_are_flagged_in_a_window_report(deployment: Deployment)
     assert sum(amount["counts"]) == report["requests"]
     assert report["defaulted_share"] == 0.0  # every card and merchant is in the store
     assert set(report["outputs"]) == {"fraud_probability", "label"}
+
+    labels = f'column="amount",model="{MODEL}",version="{report["version"]}"'
+    with urllib.request.urlopen(f"http://127.0.0.1:{deployment.env['STREAMSCORE_WORKER__WEB_PORT']}/metrics",
+                                timeout=10) as response:
+        metrics = response.read().decode()
+    assert f"streamscore_drift_flagged{{{labels}}} 1.0" in metrics  # the last window: shifted requests only
+    assert f"streamscore_drift_psi{{{labels}}}" in metrics and "streamscore_stale_share{" in metrics
