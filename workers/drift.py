@@ -16,7 +16,9 @@ test of the window's binned counts against the training shares; a column is flag
 docs/wire-format.md#monitoring-window-reports) goes to ``<prefix>.<model>.monitoring`` with the batch's other
 messages (the worker's publisher: acknowledged before the batch's commit, never a blocking send), and the figures
 to Prometheus gauges (``metrics.DriftGauges``). Each worker reports its own windows: a reader merges the workers'
-reports of one version by their ``counts``.
+reports of one version by their ``counts``. A window is a statistic, not a ledger: a batch the pipeline tries
+again after a failure is counted again, and the partial window of a version no longer served is dropped when its
+tracker is (a worker restart).
 """
 
 from __future__ import annotations
