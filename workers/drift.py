@@ -17,8 +17,8 @@ docs/wire-format.md#monitoring-window-reports) goes to ``<prefix>.<model>.monito
 messages (the worker's publisher: acknowledged before the batch's commit, never a blocking send), and the figures
 to Prometheus gauges (``metrics.DriftGauges``). Each worker reports its own windows: a reader merges the workers'
 reports of one version by their ``counts``. A window is a statistic, not a ledger: a batch the pipeline tries
-again after a failure is counted again, and the partial window of a version no longer served is dropped when its
-tracker is (a worker restart).
+again after a failure is counted again; the open window of a version no longer served is reported once its time
+is up (at a later batch); open windows are lost when the worker stops.
 """
 
 from __future__ import annotations
