@@ -52,7 +52,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from streamscore.settings import RedisSettings, Settings
 
@@ -99,7 +99,17 @@ class CacheTier(Protocol):
         (``written=True``) when it failed; the fences of step 1 still stand."""
         ...
 
+    async def check(self) -> None:
+        """One read of the feature keys as a reader does it; raises ``CacheUnusable`` (one line: what the tier
+        said and the settings to check) when it did not answer or refused (``/readyz``)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class CacheUnusable(RuntimeError):
+    """The cache tier did not answer a read, or refused it (credentials, permissions); the message is one line."""
+
 
 _RETRY_AFTER_S = 1.0
 
@@ -247,8 +257,27 @@ class FeatureCache:
                         self.settings.port, time.monotonic() - self._down_since)
             self._down_since = None
 
+    async def check(self) -> None:
+        try:
+            await self.client.get(self.key("_readyz", "_"))
+        except (RedisError, OSError) as exc:
+            raise CacheUnusable(redis_problem(self.settings, self.prefix, exc)) from exc
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def redis_problem(settings: RedisSettings, prefix: str, error: BaseException) -> str:
+    """One line on why Redis is unusable: wrong credentials, a missing permission, or no answer at all."""
+    user = f" as user {settings.username!r}" if settings.username else ""
+    where = f"Redis at {settings.host}:{settings.port}{user}"
+    said = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, AuthenticationError) or said.startswith(("WRONGPASS", "NOAUTH")):
+        return (f"{where} refused the credentials ({said}): check STREAMSCORE_REDIS__USERNAME and "
+                "STREAMSCORE_REDIS__PASSWORD")
+    if isinstance(error, NoPermissionError):
+        return f"{where} refused a read ({said}): the user needs GET, MGET, SET and EVAL on ~{prefix}:fv:*"
+    return f"{where} does not answer ({type(error).__name__}: {said}): check STREAMSCORE_REDIS__HOST, __PORT, __SSL"
 
 
 MISSING = b"-"

@@ -9,6 +9,7 @@ logged and the write stands (the fences keep readers off the old rows for ``fenc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from streamscore.fastpath import ViewBlock
 from streamscore.settings import Settings
 
 from .backends import cache_tier, online_store
-from .cache import MISSING, CacheInvalidationFailed, CacheTier, pack_row, row_dtype
+from .cache import MISSING, CacheInvalidationFailed, CacheTier, CacheUnusable, pack_row, row_dtype
 from .online import FeatureStoreUnavailable, OnlineStore, StoredRow
 from .views import FeatureView
 
@@ -134,6 +135,32 @@ class FeatureStore:
     def apply_schema(self) -> None:
         """Create the keyspace and tables (or what the backend needs) the views lack; keeps every row."""
         self.online.apply_schema()
+
+    async def check(self, timeout_s: float) -> dict[str, str | None]:
+        """Read each tier once as a batch does (``/readyz``): {"<online store>": why not, or None when it
+        answered; "cache": likewise, absent without a cache tier}. A read of a view's table needs the table
+        and the grant to read it: a missing schema or a missing grant is found here, not by the first batch."""
+        problems: dict[str, str | None] = {}
+        first = next(iter(self.views.values()), None)
+        problems[self.online.name] = None
+        if first is not None:
+            try:
+                (row,) = await asyncio.wait_for(self.online.get_many([(first.name, "_readyz")]), timeout_s)
+            except Exception as exc:  # the driver raises synchronously when no host is available
+                row = exc
+            if isinstance(row, BaseException):
+                said = " ".join(str(row).split()) or type(row).__name__
+                problems[self.online.name] = (f"{self.online.title} did not answer a read of view {first.name!r} "
+                                              f"({type(row).__name__}: {said})")
+        if self.cache is not None:
+            try:
+                await asyncio.wait_for(self.cache.check(), timeout_s)
+                problems["cache"] = None
+            except CacheUnusable as exc:
+                problems["cache"] = str(exc)
+            except TimeoutError:
+                problems["cache"] = f"the cache tier did not answer within {timeout_s:g} s"
+        return problems
 
     async def close(self) -> None:
         if self.cache is not None:

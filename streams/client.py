@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import TopicAlreadyExistsError
 
 from streamscore.settings import Settings, get_settings
 
 from . import topics
 from .clock import now_ms
-from .kafka import client_kwargs
+from .kafka import client_kwargs, new_topic
 from .wire import pack_request, unpack
 
 
@@ -212,12 +212,12 @@ class _ReplyListener:
 
 
 async def ensure_topics(settings: Settings, names: Sequence[str], partitions: int) -> None:
-    """Create topics that do not exist yet (single-node friendly replication of 1 unless more brokers)."""
+    """Create topics that do not exist yet, replicated as ``kafka.topic_replication_factor`` says."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, partitions, 1) for name in names if name not in existing]
+        missing = [new_topic(settings.kafka, name, partitions) for name in names if name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)

@@ -307,6 +307,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.delivery.assigned = len(assigned)
+        self.delivery.joined = True
+        kept = set(assigned)
+        self.delivery.committed_offsets = {tp: offset for tp, offset in self.delivery.committed_offsets.items()
+                                           if tp in kept}
         log.info("assigned %d partitions: %s", len(assigned), sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
 
@@ -333,6 +337,10 @@ class BatchDelivery(mode.Service):
         self.committed_batches = 0
         self.commit_failures = 0
         self.assigned = 0
+        self.joined = False
+        """True once the consumer group gave this consumer its first assignment (possibly empty)."""
+        self.committed_offsets: dict[TopicPartition, int] = {}
+        """The last offsets this consumer committed, by assigned partition (its consumer lag: end - committed)."""
         self.waiting_since: float | None = None
         """monotonic time since which batches (or offsets) have been waiting with no commit; None when idle."""
         self.fetch_beat = time.monotonic()
@@ -479,6 +487,7 @@ class BatchDelivery(mode.Service):
             log.warning("offset commit failed (%r); trying again with the next one", exc)
         else:
             self.committed_batches += 1
+            self.committed_offsets.update(offsets)
             self._unsent_offsets = {}
             self.waiting_since = time.monotonic() if self.flights else None
 

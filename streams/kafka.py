@@ -30,6 +30,17 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
+def new_topic(settings: KafkaSettings, name: str, partitions: int, configs: dict[str, str] | None = None) -> Any:
+    """A topic to create with the replication settings (``topic_replication_factor``,
+    ``topic_min_insync_replicas``) and ``configs``."""
+    from aiokafka.admin import NewTopic
+
+    topic_configs = dict(configs or {})
+    if settings.topic_min_insync_replicas is not None:
+        topic_configs["min.insync.replicas"] = str(settings.topic_min_insync_replicas)
+    return NewTopic(name, partitions, settings.topic_replication_factor, topic_configs=topic_configs)
+
+
 def faust_broker(settings: KafkaSettings) -> list[str]:
     return [f"kafka://{host.strip()}" for host in settings.bootstrap.split(",") if host.strip()]
 

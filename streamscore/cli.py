@@ -30,8 +30,10 @@ def _settings() -> Settings:
         raise click.ClickException(f"invalid STREAMSCORE_* settings: {exc}") from exc
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    from streamscore.workers.logs import setup_logging
+
+    setup_logging(level, log_format)
 
 
 # --- the parts outside the core -------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def worker(models: tuple[str, ...]) -> None:
     from streamscore.workers.library import ModelError
 
     settings = _settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         run_worker(settings, models, loglevel=settings.log_level.lower())
     except (ModelError, ViewsError, HttpBindError) as exc:

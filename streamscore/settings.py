@@ -36,6 +36,12 @@ class KafkaSettings(_Strict):
     """SASL password; never logged."""
     ssl_cafile: Path | None = None
     """CA bundle used to verify the brokers' certificates when TLS is on."""
+    topic_replication_factor: int = Field(default=1, ge=1)
+    """Replication factor of the topics streamscore creates (requests, predictions, dead letters, deployments,
+    Faust's own); 3 on a production cluster. Topics that exist already are left as they are."""
+    topic_min_insync_replicas: int | None = Field(default=None, ge=1)
+    """``min.insync.replicas`` of the topics streamscore creates (with ``acks=all``, a write needs that many
+    replicas); None leaves the broker's default. At most ``topic_replication_factor``."""
 
 
 class CassandraSettings(_Strict):
@@ -136,6 +142,12 @@ class WorkerSettings(_Strict):
     is always allowed. None allows any topic the worker may write, which lets any requester write there."""
     web_port: int = 6066
     """Port of the Faust web server (metrics, health)."""
+    web_bind: str = "127.0.0.1"
+    """Address the web server listens on (``/healthz``, ``/readyz``, ``/metrics``, ``/status``): loopback by
+    default; ``0.0.0.0`` in a container, so probes and scrapes from outside the pod reach it."""
+    readiness_interval_s: float = Field(default=5.0, gt=0)
+    """How often the worker checks Kafka, Cassandra and Redis for ``/readyz`` (and reads its consumer lag for
+    ``/metrics``); each check waits at most this long."""
     stage_modules: list[str] = []
     """Python modules imported at start (JSON list), e.g. ``["mycompany.stages"]``: they register pipeline stages
     of their own with ``streamscore.workers.stages.register_stage``, which manifests may then name."""
@@ -227,9 +239,14 @@ class Settings(BaseSettings):
     views_file: Path = Path("demo-data/views.json")
     """Feature view declarations (JSON; relative: to the current directory)."""
     data_dir: Path = Path("demo-data")
-    """Where the demo writes its generated data and model (relative: to the current directory)."""
+    """Where the demo writes its generated data and model, and the only folder the worker writes to (Faust's
+    state, under ``faust/``); relative: to the current directory. In a container, a writable volume: the rest
+    of the file system can be read-only."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the CLI and the worker."""
+    log_format: Literal["text", "json"] = "text"
+    """``text``: one readable line per record; ``json``: one JSON object per line (``ts``, ``level``,
+    ``logger``, ``message``, ``exc`` when there is one), for streamscore's and Faust's records alike."""
     online_store: Literal["cassandra", "memory"] = "cassandra"
     """Where feature rows live (``featurestore.backends.ONLINE_STORES``): ``cassandra`` (the ``cassandra``
     section), or ``memory``, rows kept in this process only (tests, notebooks; a worker sees only its own writes)."""

@@ -36,8 +36,10 @@ from streamscore.workers.metrics import WorkerMetrics
 from .deadletters import DeadLetters
 from .deployments import Follower, read_deployment
 from .drift import Drift
+from .health import Readiness
 from .http import HttpRows, InferenceServer, listen
 from .library import ModelError, newest_primary
+from .logs import logging_config
 from .pipeline import BatchOutcome, BatchPipeline
 from .predlog import attach as attach_prediction_log
 from .predlog import close_writers
@@ -347,15 +349,15 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.worker.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.topic_replication_factor,
         web_port=settings.worker.web_port,
         # Faust's own consumer group carries nothing here (the batches come through BatchDelivery's group),
         # but a worker starts serving only once Faust joined it, and a killed member holds that join up for
         # its whole session timeout: 60 s by default, 10 s here (as Kafka clients' own default).
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
+        web_bind=settings.worker.web_bind,
+        web_host=settings.worker.web_bind if settings.worker.web_bind not in ("0.0.0.0", "::") else "127.0.0.1",
     )
     prefix = settings.topic_prefix
     asyncio.run(ensure_topics(settings, [name for model in model_names for name in (
@@ -381,8 +383,10 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
         agents[name] = ModelScorer(pipeline, metrics)
         agents[name].report_model()
         channels[topics.requests(prefix, name)] = _declare_agent(app, agents[name])
-    _declare_services(app, settings, store, agents, channels, watchdog)
-    _declare_reporting(app, agents, store, metrics, watchdog)
+    readiness = Readiness(settings, store, lambda: {name: f"v{agent.pipeline.model.version}"
+                                                    for name, agent in agents.items()}, metrics, watchdog)
+    _declare_services(app, settings, store, agents, channels, watchdog, readiness)
+    _declare_reporting(app, agents, store, metrics, watchdog, readiness)
     if settings.http.port is not None:
         _declare_http(app, settings, agents, channels, store, metrics, watchdog)
     if settings.worker.reload_interval_s > 0:
@@ -429,13 +433,14 @@ def _declare_agent(app: faust.App, agent: ModelScorer) -> Any:
 
 
 def _declare_services(app: faust.App, settings: Settings, store: FeatureStore, agents: dict[str, ModelScorer],
-                      channels: dict[str, Any], watchdog: Watchdog | None) -> None:
+                      channels: dict[str, Any], watchdog: Watchdog | None, readiness: Readiness) -> None:
     @app.service
     class Delivery(BatchDelivery):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(settings, channels, **kwargs)
             for agent in agents.values():
                 agent.delivery = self
+            readiness.delivery = self
             if watchdog is not None:
                 watchdog.progress = self
 
@@ -498,7 +503,7 @@ def _declare_http(app: faust.App, settings: Settings, agents: dict[str, ModelSco
 
 
 def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: FeatureStore,
-                       metrics: WorkerMetrics, watchdog: Watchdog | None) -> None:
+                       metrics: WorkerMetrics, watchdog: Watchdog | None, readiness: Readiness) -> None:
     started = time.monotonic()
 
     def live_values() -> dict[str, tuple[str, float]]:
@@ -530,15 +535,21 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: Fe
                      "last batch stage times (us): %s", name, agent.answered, agent.expired, agent.dead_lettered,
                      agent.batches, agent.requests_per_batch, time.monotonic() - started, agent.last_timings)
 
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        """Liveness: the process answers (the watchdog ends a worker whose loop is blocked or that stalled)."""
+        return web.json({"alive": True})
+
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        """200 while the worker makes progress; 503 with the reason once its watchdog found it cannot."""
-        delivery = next(iter(agents.values())).delivery
-        reason = watchdog.reason if watchdog is not None else None
-        if reason is None and (delivery is None or delivery.consumer is None):
-            reason = "starting: not consuming yet"
-        body = {"ready": reason is None, "reason": reason}
-        return web.json(body, status=200 if reason is None else 503)
+        """200 when the worker can serve; 503 naming what fails (a stall, Kafka, Cassandra, Redis, the consumer
+        group), see ``health``."""
+        status, body = readiness.body()
+        return web.json(body, status=status)
+
+    @app.task
+    async def check_readiness() -> None:
+        await readiness.run()
 
     @app.page("/status")
     async def status(web: Any, request: Any) -> Any:
@@ -607,7 +618,9 @@ def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "
     watchdog = Watchdog(None, settings.worker.stall_timeout_s, lambda reason: holder[0].stop_on_stall(reason))
     app, _ = create_app(settings, model_names, watchdog, customize)
     _tune_gc()
-    worker = _BoundedWorker(app, watchdog, settings.worker.shutdown_timeout_s, loglevel=loglevel, quiet=True)
+    # Faust installs a log format of its own unless handed one: the same configuration as the CLI's
+    worker = _BoundedWorker(app, watchdog, settings.worker.shutdown_timeout_s, loglevel=loglevel, quiet=True,
+                            logging_config=logging_config(settings.log_level, settings.log_format))
     holder.append(worker)
     try:
         worker.execute_from_commandline()

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from streamscore.settings import Settings
 from streamscore.streams import topics
 from streamscore.streams.clock import now_ms
-from streamscore.streams.kafka import client_kwargs
+from streamscore.streams.kafka import client_kwargs, new_topic
 
 from .library import ModelError, newest_primary, read_manifest, verified_artifact, versions
 
@@ -358,8 +358,8 @@ async def _topic_exists(settings: Settings, topic: str) -> bool:
 
 
 async def ensure_topic(settings: Settings, model: str) -> str:
-    """Create ``<prefix>.<model>.deployments`` when missing (1 partition, compacted, replication 1: no Kafka
-    replication setting exists); refuse an existing one that is not compacted (retention would delete the
+    """Create ``<prefix>.<model>.deployments`` when missing (1 partition, compacted, replicated as
+    ``kafka.topic_replication_factor`` says); refuse an existing one that is not compacted (retention would delete the
     state). Returns its name."""
     topic = topic_of(settings, model)
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
@@ -367,7 +367,7 @@ async def ensure_topic(settings: Settings, model: str) -> str:
     try:
         if topic not in set(await admin.list_topics()):
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+                await admin.create_topics([new_topic(settings.kafka, topic, 1, {"cleanup.policy": "compact"})])
             return topic
         described = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})])

@@ -57,6 +57,15 @@ class WorkerMetrics:
                                        ["model", "stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.model_version = Gauge("streamscore_model_info", "Model version served (value 1)",
                                    ["model", "version", "sha256", "provider"], registry=self.registry)
+        self.consumer_lag = Gauge("streamscore_consumer_lag", "Messages of an assigned request partition not yet "
+                                  "committed by the worker group (end offset less committed offset)",
+                                  ["topic", "partition"], registry=self.registry)
+
+    def report_lag(self, lags: Mapping[Any, int]) -> None:
+        """Lag by assigned partition (``TopicPartition`` -> messages); partitions no longer assigned vanish."""
+        self.consumer_lag.clear()
+        for tp, lag in lags.items():
+            self.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
         self.answered_by_source = Counter("streamscore_answered", "Requests answered (a prediction of any status), by "
                                           "where they came from: kafka or http", ["model", "source"],
