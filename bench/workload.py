@@ -145,7 +145,7 @@ class BenchRows:
         self.cold_written = 0
 
     async def open(self) -> None:
-        self.store.connect()
+        self.store.connect(create_schema=True)
 
     async def close(self) -> None:
         await self.store.close()

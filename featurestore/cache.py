@@ -121,7 +121,10 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
         db=settings.db,
         username=settings.username,
         password=settings.password.get_secret_value() if settings.password else None,
-        ssl=settings.ssl,
+        ssl=settings.tls,
+        ssl_ca_certs=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         # no retries: a Redis that does not answer is bypassed, and the batch goes on from Cassandra

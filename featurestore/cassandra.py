@@ -17,24 +17,26 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cassandra import ConsistencyLevel
+from cassandra import AuthenticationFailed, ConsistencyLevel, InvalidRequest, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
 from streamscore.settings import CassandraSettings, Settings
 
-from .online import FeatureStoreUnavailable, OnlineRow, OnlineStore, StoredRow
+from .online import FeatureStoreUnavailable, OnlineRow, OnlineStore, SchemaMissing, StoredRow
 from .views import FeatureView
 
 log = logging.getLogger(__name__)
 
 
 def _ssl_context(settings: CassandraSettings) -> ssl.SSLContext | None:
-    if settings.ssl_cafile is None:
+    if settings.ssl_cafile is None and settings.ssl_certfile is None:
         return None
-    context = ssl.create_default_context(cafile=str(settings.ssl_cafile))
+    context = ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.ssl_certfile is not None:  # mutual TLS
+        context.load_cert_chain(str(settings.ssl_certfile), str(settings.ssl_keyfile) if settings.ssl_keyfile else None)
     return context
 
 
@@ -66,11 +68,42 @@ def connect(settings: CassandraSettings) -> tuple[Cluster, Session]:
         session = cluster.connect()
     except Exception as exc:
         cluster.shutdown()
-        raise FeatureStoreUnavailable(
-            f"cannot reach Cassandra at {settings.hosts}:{settings.port} ({exc}); is it running? "
-            "(`streamscore stack up` starts a local one)"
-        ) from exc
+        raise FeatureStoreUnavailable(connect_problem(settings, exc)) from exc
     return cluster, session
+
+
+def connect_problem(settings: CassandraSettings, error: BaseException) -> str:
+    """One line on why no session opened: credentials refused or missing, TLS refused, or nobody answering."""
+    where = f"Cassandra at {','.join(settings.hosts)}:{settings.port}"
+    causes = list(error.errors.values()) if isinstance(error, NoHostAvailable) else [error]
+    said = " ".join(str(causes[0] if causes else error).split()) or type(error).__name__
+    if any(isinstance(cause, AuthenticationFailed) for cause in causes):
+        if settings.username is None:
+            return (f"{where} wants credentials ({said}): set STREAMSCORE_CASSANDRA__USERNAME and "
+                    "STREAMSCORE_CASSANDRA__PASSWORD (or __PASSWORD_FILE)")
+        return (f"{where} refused the credentials of user {settings.username!r} ({said}): check "
+                "STREAMSCORE_CASSANDRA__USERNAME and STREAMSCORE_CASSANDRA__PASSWORD")
+    if any(isinstance(cause, ssl.SSLError) for cause in causes) or "SSL" in said:
+        return (f"{where} refused the TLS handshake ({said}): check STREAMSCORE_CASSANDRA__SSL_CAFILE (and the "
+                "client certificate settings) against the server's certificates")
+    return (f"cannot reach {where} ({said}); is it running, and is STREAMSCORE_CASSANDRA__HOSTS / __PORT right? "
+            "(`streamscore stack up` starts a local one)")
+
+
+def schema_problem(settings: CassandraSettings, table: str, view: str, error: BaseException) -> FeatureStoreUnavailable:
+    """What preparing a view's statements failing means: the schema is missing, or the role lacks a grant."""
+    said = " ".join(str(error).split())
+    keyspace = settings.keyspace
+    if isinstance(error, Unauthorized):
+        user = repr(settings.username) if settings.username else "this role"
+        return FeatureStoreUnavailable(
+            f"Cassandra refused {user} access to {keyspace}.{table} of view {view!r} ({said}): "
+            f"GRANT SELECT, MODIFY ON KEYSPACE {keyspace} TO <role>")
+    if isinstance(error, InvalidRequest) and ("does not exist" in said or "unconfigured table" in said):
+        return SchemaMissing(
+            f"Cassandra has no table {keyspace}.{table} for view {view!r} (keyspace or table missing: {said}): "
+            "run `streamscore features init` once, as a role that may create them")
+    return FeatureStoreUnavailable(f"Cassandra could not prepare the statements of view {view!r} ({said})")
 
 
 class _ConcurrentRound:
@@ -160,28 +193,47 @@ class CassandraStore(OnlineStore):
     def from_settings(cls, settings: Settings, views: Mapping[str, FeatureView]) -> CassandraStore:
         return cls(settings.cassandra, views)
 
-    def connect(self, create: bool = True) -> None:
-        """Connect, and (by default) create the keyspace and one table per view if they are missing."""
+    def connect(self, create: bool = False) -> None:
+        """Connect (with ``create``: create the keyspace and the tables that are missing) and prepare every
+        view's statements: a missing table or grant is found here, in one line, not by the first batch."""
         self._cluster, self._session = connect(self.settings)
-        if create:
-            self.apply_schema()
-        for view in self.views.values():
-            self._prepare(view)
+        try:
+            if create:
+                self.apply_schema()
+            for view in self.views.values():
+                try:
+                    self._prepare(view)
+                except (InvalidRequest, Unauthorized) as exc:
+                    raise schema_problem(self.settings, view.table, view.name, exc) from exc
+        except BaseException:
+            self.close()
+            raise
 
     def apply_schema(self) -> None:
         """``CREATE KEYSPACE`` / ``CREATE TABLE ... IF NOT EXISTS``: a table a view outgrew (a feature added
         since) is left as it is, and the statements prepared for it then fail."""
         keyspace = self.settings.keyspace
-        self.session.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
-            f"{{'class': 'SimpleStrategy', 'replication_factor': {self.settings.replication_factor}}}"
-        )
-        for view in self.views.values():
-            columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
-            self.session.execute(
-                f"CREATE TABLE IF NOT EXISTS {keyspace}.{view.table} "
-                f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)"
-            )
+        try:
+            # CREATE KEYSPACE IF NOT EXISTS needs CREATE on all keyspaces even when the keyspace is there: a
+            # keyspace made by an administrator (with NetworkTopologyStrategy, say) is left as it is
+            assert self._cluster is not None
+            if keyspace not in self._cluster.metadata.keyspaces:
+                self.session.execute(
+                    f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+                    f"{{'class': 'SimpleStrategy', 'replication_factor': {self.settings.replication_factor}}}"
+                )
+            for view in self.views.values():
+                columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
+                self.session.execute(
+                    f"CREATE TABLE IF NOT EXISTS {keyspace}.{view.table} "
+                    f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)"
+                )
+        except Unauthorized as exc:
+            user = repr(self.settings.username) if self.settings.username else "this role"
+            raise FeatureStoreUnavailable(
+                f"Cassandra refused {user} the schema of keyspace {keyspace} ({' '.join(str(exc).split())}): "
+                f"run `streamscore features init` as a role with CREATE on ALL KEYSPACES, or create keyspace "
+                f"{keyspace} and GRANT CREATE ON KEYSPACE {keyspace} to this role") from exc
 
     def _prepare(self, view: FeatureView) -> None:
         names = ", ".join(view.feature_names)

@@ -35,10 +35,10 @@ class MemoryStore(OnlineStore):
     def from_settings(cls, settings: Settings, views: Mapping[str, FeatureView]) -> MemoryStore:
         return cls(views)
 
-    def connect(self, create: bool = True) -> None:
+    def connect(self, create: bool = False) -> None:
+        """Nothing to administer in this process's memory: the tables are made whatever ``create`` says."""
         self._connected = True
-        if create:
-            self.apply_schema()
+        self.apply_schema()
 
     def apply_schema(self) -> None:
         self._require_connected()

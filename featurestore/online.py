@@ -1,9 +1,10 @@
 """The online store contract: where a feature view's latest rows live, one row per entity.
 
 Four operations, as feast's ``OnlineStore`` has them (``online_write_batch``, ``online_read``, ``update``,
-``teardown``): a batch write (``put``), a batch read (``get_many``), schema setup (``apply_schema``, also run by
-``connect`` unless told not to) and ``close``. A backend is one module beside this one (``cassandra``,
-``memory``) and one entry of ``backends.ONLINE_STORES``; ``Settings.online_store`` picks it by name.
+``teardown``): a batch write (``put``), a batch read (``get_many``), schema setup (``apply_schema``, run by
+``streamscore features init``, or by ``connect`` when told to) and ``close``. A backend is one module beside
+this one (``cassandra``, ``memory``) and one entry of ``backends.ONLINE_STORES``; ``Settings.online_store``
+picks it by name.
 
 What every backend does (``tests/contract/test_online_store.py`` checks each one):
 
@@ -38,6 +39,10 @@ class FeatureStoreUnavailable(RuntimeError):
     """The online store did not answer (or refused a write); the message names the store and what to check."""
 
 
+class SchemaMissing(FeatureStoreUnavailable):
+    """A view's table (or its keyspace) is not there: ``streamscore features init`` creates them."""
+
+
 class OnlineStore(ABC):
     """One backend of the online store, for the views it was made with."""
 
@@ -55,9 +60,9 @@ class OnlineStore(ABC):
         """The backend its section of the settings describes (not connected yet)."""
 
     @abstractmethod
-    def connect(self, create: bool = True) -> None:
-        """Open the connections; with ``create`` (the default) run ``apply_schema`` first. Raises
-        ``FeatureStoreUnavailable`` when the store does not answer."""
+    def connect(self, create: bool = False) -> None:
+        """Open the connections; with ``create`` run ``apply_schema`` first. Raises ``FeatureStoreUnavailable``
+        when the store does not answer, and ``SchemaMissing`` when a view's table is not there."""
 
     @abstractmethod
     def apply_schema(self) -> None:

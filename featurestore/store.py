@@ -128,8 +128,10 @@ class FeatureStore:
         self._store_down_since: float | None = None
         self._errors_before_outage = 0
 
-    def connect(self, create_schema: bool = True) -> None:
-        """Connect the online store; by default create its schema where it is missing (``apply_schema``)."""
+    def connect(self, create_schema: bool = False) -> None:
+        """Connect the online store. Its schema is made by ``streamscore features init`` (``apply_schema``),
+        an administrator's step: a worker and the feature commands need only read and write grants, and say
+        in one line when the schema is missing. ``create_schema`` runs ``apply_schema`` first (demo, tests)."""
         self.online.connect(create=create_schema)
 
     def apply_schema(self) -> None:

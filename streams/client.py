@@ -53,7 +53,12 @@ class Client:
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**client_kwargs(self.settings.kafka), acks="all", linger_ms=2,
                                           max_batch_size=1 << 20, max_request_size=4 << 20)
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # no connection: release what start() opened before it raised
+            await self._producer.stop()
+            self._producer = None
+            raise
 
     async def stop(self) -> None:
         if self._replies is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -11,7 +12,33 @@ from streamscore.settings import KafkaSettings
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
     if settings.security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    return ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    context = ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.ssl_certfile is not None:  # mutual TLS
+        context.load_cert_chain(str(settings.ssl_certfile), str(settings.ssl_keyfile) if settings.ssl_keyfile else None)
+    return context
+
+
+def connection_problem(settings: KafkaSettings, error: BaseException) -> str:
+    """One line on why no connection to Kafka was made: nothing listening at the bootstrap address, or a
+    listener that closed the connection (most often one that expects another security protocol)."""
+    said = " ".join(str(error).split()) or type(error).__name__
+    hosts = [host.strip() for host in settings.bootstrap.split(",") if host.strip()]
+    if not any(_accepts(host) for host in hosts):
+        return (f"nothing answers at {settings.bootstrap} ({said}): is Kafka running, and is "
+                "STREAMSCORE_KAFKA__BOOTSTRAP right?")
+    return (f"Kafka at {settings.bootstrap} accepts connections but the client with security_protocol "
+            f"{settings.security_protocol} got no answer ({said}): does the listener expect another protocol? "
+            "Check STREAMSCORE_KAFKA__SECURITY_PROTOCOL (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL) and the "
+            "SASL/TLS settings")
+
+
+def _accepts(host_port: str) -> bool:
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ that live outside the root package, imported only when the command runs: the loc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from pydantic import ValidationError
 
 from streamscore.settings import Settings, get_settings
 
@@ -26,14 +28,36 @@ from streamscore.settings import Settings, get_settings
 def _settings() -> Settings:
     try:
         return get_settings()
-    except Exception as exc:  # pydantic's message names the variable and the problem
-        raise click.ClickException(f"invalid STREAMSCORE_* settings: {exc}") from exc
+    except ValidationError as exc:  # one line, and never the input values: they may hold a secret
+        problems = "; ".join(_settings_problem(error) for error in exc.errors())
+        raise click.ClickException(f"invalid STREAMSCORE_* settings: {problems}") from None
+
+
+def _settings_problem(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if message.startswith("STREAMSCORE_"):  # the message names its variable already
+        return message
+    variable = "STREAMSCORE_" + "__".join(str(part).upper() for part in error["loc"])
+    return f"{variable}: {message}"
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
     from streamscore.workers.logs import setup_logging
 
     setup_logging(level, log_format)
+
+
+@contextlib.contextmanager
+def _kafka_errors(settings: Settings) -> Iterator[None]:
+    """A Kafka that cannot be reached, or that closes the connection, ends the command with one line."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from streamscore.streams.kafka import connection_problem
+
+    try:
+        yield
+    except KafkaConnectionError as exc:
+        raise click.ClickException(connection_problem(settings.kafka, exc)) from None
 
 
 # --- the parts outside the core -------------------------------------------------------------------------------
@@ -128,6 +152,7 @@ def stack_logs(lines: int) -> None:
 @click.option("--model", "models", multiple=True, required=True, help="Model to serve (repeat for several).")
 def worker(models: tuple[str, ...]) -> None:
     """Run an inference worker (a Faust app, one agent per model) until stopped."""
+    from streamscore.featurestore.online import FeatureStoreUnavailable
     from streamscore.featurestore.views import ViewsError
     from streamscore.workers.app import run_worker
     from streamscore.workers.http import HttpBindError
@@ -136,8 +161,9 @@ def worker(models: tuple[str, ...]) -> None:
     settings = _settings()
     _setup_logging(settings.log_level, settings.log_format)
     try:
-        run_worker(settings, models, loglevel=settings.log_level.lower())
-    except (ModelError, ViewsError, HttpBindError) as exc:
+        with _kafka_errors(settings):
+            run_worker(settings, models, loglevel=settings.log_level.lower())
+    except (ModelError, ViewsError, HttpBindError, FeatureStoreUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -168,7 +194,8 @@ def produce(model: str, source: TextIO, generate: int | None, rate: float | None
         total: int | None = generate
     else:
         requests, total = _json_lines(source), None
-    sent = asyncio.run(_produce(settings, model, requests, total, rate))
+    with _kafka_errors(settings):
+        sent = asyncio.run(_produce(settings, model, requests, total, rate))
     click.echo(f"produced {sent} messages to {settings.topic_prefix}.{model}.requests", err=True)
 
 
@@ -191,7 +218,9 @@ def subscribe(model: str | None, topic: str | None, from_beginning: bool, count:
     """Print predictions as JSON lines."""
     if not model and not topic:
         raise click.UsageError("give --model or --topic")
-    asyncio.run(_subscribe(_settings(), model, topic, from_beginning, count))
+    settings = _settings()
+    with _kafka_errors(settings):
+        asyncio.run(_subscribe(settings, model, topic, from_beginning, count))
 
 
 async def _subscribe(settings: Settings, model: str | None, topic: str | None, from_beginning: bool,
@@ -605,6 +634,27 @@ def _run_store(action: Any) -> Any:
         return asyncio.run(_with_store(_settings(), action))
     except (FeatureStoreUnavailable, CacheInvalidationFailed, ViewsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@features.command("init")
+def features_init() -> None:
+    """Create the keyspace and one table per view where missing (run once, as a role that may create them;
+    workers and the other feature commands need only SELECT and MODIFY). Rows are kept; running it again
+    changes nothing."""
+    from streamscore.featurestore.cassandra import FeatureStoreUnavailable
+    from streamscore.featurestore.store import FeatureStore
+    from streamscore.featurestore.views import ViewsError, load_views
+
+    settings = _settings()
+    try:
+        views = load_views(settings.views_file)
+        store = FeatureStore(settings, views, use_cache=False)
+        store.connect(create_schema=True)
+        store.online.close()
+    except (FeatureStoreUnavailable, ViewsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    where = f"keyspace {settings.cassandra.keyspace}" if settings.online_store == "cassandra" else settings.online_store
+    click.echo(f"schema of {len(views)} view(s) in place ({where}): {', '.join(sorted(views))}", err=True)
 
 
 @features.command("put")

@@ -13,14 +13,44 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret_files(section: str, data: Any, secrets: dict[str, str]) -> Any:
+    """``<secret>_file`` fields (a Kubernetes Secret mounted as files): the file's text, without its final
+    newline, becomes the secret. Setting both is refused (which one wins would be a guess)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for secret, file_field in secrets.items():
+        path = data.get(file_field)
+        if path is None:
+            continue
+        env = f"STREAMSCORE_{section}__{file_field.upper()}"
+        if data.get(secret) is not None:
+            raise ValueError(f"{env} and STREAMSCORE_{section}__{secret.upper()} are both set: set one of them")
+        try:
+            data[secret] = Path(path).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"{env} names {path}, which cannot be read ({exc.strerror}): mount the secret "
+                             "there or unset it") from None
+    return data
+
+
+def _check_files(section: str, model: BaseModel, fields: tuple[str, ...]) -> None:
+    """A certificate setting that names no file fails at start, naming the setting and the path."""
+    for name in fields:
+        path = getattr(model, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"STREAMSCORE_{section}__{name.upper()} names {path}, which is not a file: put the "
+                             "PEM file there (a mounted Secret) or unset it")
 
 
 class KafkaSettings(_Strict):
@@ -34,14 +64,39 @@ class KafkaSettings(_Strict):
     """SASL user name."""
     sasl_password: SecretStr | None = None
     """SASL password; never logged."""
+    sasl_password_file: Path | None = None
+    """A file holding the SASL password (a mounted Kubernetes Secret), read at start instead of ``sasl_password``."""
     ssl_cafile: Path | None = None
-    """CA bundle used to verify the brokers' certificates when TLS is on."""
+    """CA bundle used to verify the brokers' certificates when TLS is on (None: the system's CAs)."""
+    ssl_certfile: Path | None = None
+    """Client certificate (PEM) presented to the brokers: mutual TLS (with ``ssl_keyfile``)."""
+    ssl_keyfile: Path | None = None
+    """Private key (PEM) of ``ssl_certfile``."""
     topic_replication_factor: int = Field(default=1, ge=1)
     """Replication factor of the topics streamscore creates (requests, predictions, dead letters, deployments,
     Faust's own); 3 on a production cluster. Topics that exist already are left as they are."""
     topic_min_insync_replicas: int | None = Field(default=None, ge=1)
     """``min.insync.replicas`` of the topics streamscore creates (with ``acks=all``, a write needs that many
     replicas); None leaves the broker's default. At most ``topic_replication_factor``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        return _read_secret_files("KAFKA", data, {"sasl_password": "sasl_password_file"})
+
+    @model_validator(mode="after")
+    def _usable(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            for name in ("sasl_username", "sasl_password"):
+                if getattr(self, name) is None:
+                    extra = " (or __SASL_PASSWORD_FILE)" if name == "sasl_password" else ""
+                    raise ValueError(f"STREAMSCORE_KAFKA__{name.upper()}{extra} is not set, and security_protocol "
+                                     f"is {self.security_protocol}: set it, or pick another security_protocol")
+        _check_files("KAFKA", self, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+        if (self.topic_min_insync_replicas or 0) > self.topic_replication_factor:
+            raise ValueError("STREAMSCORE_KAFKA__TOPIC_MIN_INSYNC_REPLICAS exceeds __TOPIC_REPLICATION_FACTOR: no "
+                             "write could ever succeed")
+        return self
 
 
 class CassandraSettings(_Strict):
@@ -57,8 +112,14 @@ class CassandraSettings(_Strict):
     """User name for PasswordAuthenticator."""
     password: SecretStr | None = None
     """Password for PasswordAuthenticator; never logged."""
+    password_file: Path | None = None
+    """A file holding the password (a mounted Kubernetes Secret), read at start instead of ``password``."""
     ssl_cafile: Path | None = None
-    """CA bundle; setting it turns TLS on."""
+    """CA bundle; setting it (or ``ssl_certfile``) turns TLS on."""
+    ssl_certfile: Path | None = None
+    """Client certificate (PEM) presented to Cassandra: mutual TLS (with ``ssl_keyfile``)."""
+    ssl_keyfile: Path | None = None
+    """Private key (PEM) of ``ssl_certfile``."""
     read_concurrency: int = 64
     """Most concurrent read queries in flight for one batch of keys."""
     read_chunk: int = 32
@@ -66,6 +127,16 @@ class CassandraSettings(_Strict):
     time each, a 32-key IN ~0.08 ms per key. 1 gives one token-aware read per key (big clusters, few misses)."""
     request_timeout_s: float = 2.0
     """Per-request timeout of the driver."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        return _read_secret_files("CASSANDRA", data, {"password": "password_file"})
+
+    @model_validator(mode="after")
+    def _usable(self) -> CassandraSettings:
+        _check_files("CASSANDRA", self, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+        return self
 
 
 class RedisSettings(_Strict):
@@ -79,8 +150,16 @@ class RedisSettings(_Strict):
     """ACL user name."""
     password: SecretStr | None = None
     """Password; never logged."""
+    password_file: Path | None = None
+    """A file holding the password (a mounted Kubernetes Secret), read at start instead of ``password``."""
     ssl: bool = False
-    """Connect with TLS."""
+    """Connect with TLS (also on when ``ssl_cafile`` or ``ssl_certfile`` is set)."""
+    ssl_cafile: Path | None = None
+    """CA bundle used to verify Redis's certificate (None: the system's CAs)."""
+    ssl_certfile: Path | None = None
+    """Client certificate (PEM) presented to Redis: mutual TLS (with ``ssl_keyfile``)."""
+    ssl_keyfile: Path | None = None
+    """Private key (PEM) of ``ssl_certfile``."""
     cache_ttl_s: int = 300
     """How long a cached feature row lives in Redis."""
     fence_s: int = Field(default=30, ge=1)
@@ -91,6 +170,20 @@ class RedisSettings(_Strict):
     write could cache it after the fence is gone."""
     socket_timeout_s: float = 0.5
     """A slow Redis must not stall a batch: after this the cache is bypassed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        return _read_secret_files("REDIS", data, {"password": "password_file"})
+
+    @model_validator(mode="after")
+    def _usable(self) -> RedisSettings:
+        _check_files("REDIS", self, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl or self.ssl_cafile is not None or self.ssl_certfile is not None
 
 
 class StackSettings(_Strict):

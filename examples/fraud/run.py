@@ -86,7 +86,7 @@ def run_demo(settings: Settings, count: int, rate: float | None, echo: Echo = pr
 
 async def _fill_store(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) -> None:
     store = FeatureStore(settings, load_views(settings.views_file))
-    store.connect()
+    store.connect(create_schema=True)  # the demo is its own administrator: `features init`
     try:
         total = sum(len(entities) for entities in rows.values())
         with tqdm(total=total, unit="row", desc="features") as progress:

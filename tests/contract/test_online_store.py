@@ -62,7 +62,7 @@ def _cassandra(read_chunk: int) -> Callable[[], Iterator[Backend]]:
         keyspace = f"contract_{uuid.uuid4().hex[:10]}"
         store = CassandraStore(base.model_copy(update={"keyspace": keyspace, "read_chunk": read_chunk}), VIEWS)
         try:
-            store.connect()
+            store.connect(create=True)
         except FeatureStoreUnavailable as exc:
             pytest.fail(f"the cassandra online-store contract needs the local stack's Cassandra: {exc}",
                         pytrace=False)

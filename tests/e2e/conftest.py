@@ -96,7 +96,7 @@ async def _fill(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) 
     from streamscore.featurestore.views import load_views
 
     store = FeatureStore(settings, load_views(settings.views_file))
-    store.connect()
+    store.connect(create_schema=True)
     try:
         for view, entities in rows.items():
             await store.put(view, [(entity, values, None) for entity, values in entities.items()])

@@ -152,7 +152,7 @@ def world(stack: Any, acl_redis: AclRedis, cassandra_session: Session) -> Iterat
     run = uuid.uuid4().hex[:8]
     keyspace, prefix = f"cc_{run}", f"cc{run}"
     online = CassandraStore(Settings(cassandra={"keyspace": keyspace}).cassandra, dict(VIEWS))
-    online.connect()
+    online.connect(create=True)
     try:
         yield World(acl_redis, prefix, keyspace, online, cassandra_session)
     finally:

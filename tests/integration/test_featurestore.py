@@ -37,7 +37,7 @@ def settings(stack: Any) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> Iterator[FeatureStore]:
     feature_store = FeatureStore(settings, VIEWS)
-    feature_store.connect()
+    feature_store.connect(create_schema=True)
     yield feature_store  # its Redis client is opened and closed inside each test's event loop
     feature_store.online.session.execute(f"DROP KEYSPACE IF EXISTS {settings.cassandra.keyspace}")
     feature_store.online.close()

@@ -163,7 +163,7 @@ async def fill_store(library: Library, endpoints: Endpoints) -> None:
 
     settings = settings_of({**library.env(), **endpoints.env()})
     store = FeatureStore(settings, load_views(settings.views_file), use_cache=False)
-    store.connect()
+    store.connect(create_schema=True)
     try:
         for view, entities in library.rows.items():
             await store.put(view, [(entity, values, None) for entity, values in entities.items()])
