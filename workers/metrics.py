@@ -60,13 +60,6 @@ class WorkerMetrics:
         self.consumer_lag = Gauge("streamscore_consumer_lag", "Messages of an assigned request partition not yet "
                                   "committed by the worker group (end offset less committed offset)",
                                   ["topic", "partition"], registry=self.registry)
-
-    def report_lag(self, lags: Mapping[Any, int]) -> None:
-        """Lag by assigned partition (``TopicPartition`` -> messages); partitions no longer assigned vanish."""
-        self.consumer_lag.clear()
-        for tp, lag in lags.items():
-            self.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
-
         self.answered_by_source = Counter("streamscore_answered", "Requests answered (a prediction of any status), by "
                                           "where they came from: kafka or http", ["model", "source"],
                                           registry=self.registry)
@@ -75,6 +68,12 @@ class WorkerMetrics:
         self.http_seconds = Histogram("streamscore_http_request_seconds", "Inference request time over HTTP, from "
                                       "its arrival to its answer", ["model"], buckets=STAGE_BUCKETS,
                                       registry=self.registry)
+
+    def report_lag(self, lags: Mapping[Any, int]) -> None:
+        """Lag by assigned partition (``TopicPartition`` -> messages); partitions no longer assigned vanish."""
+        self.consumer_lag.clear()
+        for tp, lag in lags.items():
+            self.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     def observe_sources(self, model: str, kafka: int, http: int) -> None:
         if kafka:
