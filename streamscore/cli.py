@@ -93,6 +93,29 @@ def main() -> None:
     """streamscore: Kafka in, features from Cassandra through Redis, ONNX Runtime, predictions out."""
 
 
+# --- settings -------------------------------------------------------------------------------------------------
+
+@main.command("settings")
+@click.option("--markdown", is_flag=True, default=True, help="As a markdown table (the only format).")
+@click.option("--write", "target", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Replace the table in this file (between its markers) instead of printing it, e.g. README.md.")
+def settings_command(markdown: bool, target: Path | None) -> None:
+    """Every setting: its variable, its default and what it does (from the settings model)."""
+    from streamscore.settings import TABLE_BEGIN, TABLE_END, settings_table
+
+    table = settings_table()
+    if target is None:
+        click.echo(table, nl=False)
+        return
+    text = target.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise click.ClickException(f"{target} has no settings table markers ({TABLE_BEGIN} ... {TABLE_END})")
+    before, rest = text.split(TABLE_BEGIN, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    target.write_text(f"{before}{TABLE_BEGIN}\n{table}{TABLE_END}{after}")
+    click.echo(f"wrote the settings table ({table.count(chr(10)) - 2} settings) into {target}", err=True)
+
+
 # --- stack ----------------------------------------------------------------------------------------------------
 
 @main.group()
