@@ -22,6 +22,7 @@ lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy streamscore streams featurestore fastpath workers deploy/local/streamscore_stack examples bench
 	scripts/lint-imports
+	.venv/bin/hadolint Dockerfile
 
 stack-up: bootstrap
 	.venv/bin/streamscore stack up
