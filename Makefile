@@ -2,7 +2,7 @@
 # Every target runs from the repository root; tests/unit/test_makefile_targets.py dry-runs each one and runs
 # the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
 # `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`.
-.PHONY: bootstrap demo demo-lifecycle test lint stack-up stack-down bench-fastpath bench soak
+.PHONY: bootstrap demo demo-lifecycle test lint lint-chart stack-up stack-down bench-fastpath bench soak
 
 ARGS ?=
 
@@ -23,6 +23,12 @@ lint: bootstrap
 	.venv/bin/mypy streamscore streams featurestore fastpath workers deploy/local/streamscore_stack examples bench
 	scripts/lint-imports
 	.venv/bin/hadolint Dockerfile
+	scripts/lint-chart
+
+# The Helm chart alone (helm lint, helm template | kubernetes-validate); skipped, saying so, without a helm built
+# by scripts/install-helm
+lint-chart: bootstrap
+	scripts/lint-chart
 
 stack-up: bootstrap
 	.venv/bin/streamscore stack up

@@ -47,6 +47,7 @@ from aiokafka.errors import (
 
 from streamscore.settings import Settings
 
+from . import topics
 from .kafka import client_kwargs
 from .records import Inbound, Outbound
 
@@ -358,7 +359,7 @@ class BatchDelivery(mode.Service):
         self.publisher = BatchPublisher(self.producer)
         self.consumer = AIOKafkaConsumer(
             **kafka,
-            group_id=f"{self.settings.topic_prefix}-workers",
+            group_id=topics.worker_group(self.settings.topic_prefix),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_max,

@@ -30,6 +30,12 @@ def monitoring(prefix: str, model: str) -> str:
     return f"{prefix}.{model}.monitoring"
 
 
+def worker_group(prefix: str) -> str:
+    """The consumer group of every worker of a prefix (all its models): stable, so an autoscaler can read its
+    lag (the Helm chart's KEDA trigger names it)."""
+    return f"{prefix}-workers"
+
+
 def replies(prefix: str, client_id: str) -> str:
     """Reply topic of one client's request/reply ``predict`` calls."""
     return f"{prefix}.replies.{client_id}"

@@ -27,6 +27,7 @@ from aiokafka import TopicPartition
 
 from streamscore.featurestore.store import FeatureStore
 from streamscore.settings import Settings
+from streamscore.streams import topics
 from streamscore.streams.delivery import BatchDelivery
 from streamscore.streams.watchdog import Watchdog
 
@@ -86,7 +87,7 @@ class Readiness:
         if delivery is None or delivery.consumer is None or delivery.producer is None:
             return "starting: the Kafka clients are not started yet", "starting: not consuming yet"
         consumer = delivery.consumer
-        group = f"{self.settings.topic_prefix}-workers"
+        group = topics.worker_group(self.settings.topic_prefix)
         assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
         try:
             if assigned:

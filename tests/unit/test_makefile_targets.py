@@ -24,8 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-TARGETS = ["bootstrap", "demo", "demo-lifecycle", "test", "lint", "stack-up", "stack-down", "bench-fastpath", "bench",
-           "soak"]
+TARGETS = ["bootstrap", "demo", "demo-lifecycle", "test", "lint", "lint-chart", "stack-up", "stack-down",
+           "bench-fastpath", "bench", "soak"]
 """Every target of the Makefile; a new one must be added here (and so get its smoke run)."""
 
 needs_venv = pytest.mark.skipif(not (VENV_BIN / "python").is_file(),
@@ -76,6 +76,10 @@ def _check_command(argv: list[str]) -> None:
         return
     elif name == "ruff":
         completed = _run([str(program), *args[:1], "--help"])
+    elif name == "hadolint":
+        missing = [arg for arg in args if not arg.startswith("-") and not (REPO / arg).exists()]
+        assert not missing, f"hadolint is given files that do not exist: {missing}"
+        completed = _run([str(program), "--version"])
     else:
         pytest.fail(f"no smoke check for {shlex.join(argv)}: add one to {Path(__file__).name}")
     assert completed.returncode == 0, _failure(completed)
