@@ -47,7 +47,7 @@ class CountingWriter(LogWriter):
 
 async def _store(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) -> FeatureStore:
     store = FeatureStore(settings, load_views(settings.views_file))
-    store.connect()
+    store.connect(create_schema=True)
     for view, entities in rows.items():
         await store.put(view, [(entity, values, None) for entity, values in entities.items()])
     return store

@@ -35,13 +35,16 @@ def _read_secret_files(section: str, data: Any, secrets: dict[str, str]) -> Any:
         if path is None:
             continue
         env = f"STREAMSCORE_{section}__{file_field.upper()}"
-        if data.get(secret) is not None:
-            raise ValueError(f"{env} and STREAMSCORE_{section}__{secret.upper()} are both set: set one of them")
         try:
-            data[secret] = Path(path).read_text().rstrip("\r\n")
+            text = Path(path).read_text().rstrip("\r\n")
         except OSError as exc:
             raise ValueError(f"{env} names {path}, which cannot be read ({exc.strerror}): mount the secret "
                              "there or unset it") from None
+        given = data.get(secret)
+        if given is not None and (given.get_secret_value() if isinstance(given, SecretStr) else given) != text:
+            # the same value twice is a model copied with its secret read (model_dump), not a conflict
+            raise ValueError(f"{env} and STREAMSCORE_{section}__{secret.upper()} are both set: set one of them")
+        data[secret] = text
     return data
 
 

@@ -66,3 +66,11 @@ def test_a_key_that_does_not_match_fails_loading(certificate: tuple[Path, Path],
     subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True)
     with pytest.raises(ssl.SSLError):
         kafka_ssl_context(KafkaSettings(security_protocol="SSL", ssl_certfile=cert, ssl_keyfile=other))
+
+
+def test_settings_rebuilt_from_their_dump_keep_a_secret_read_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(SECRET)
+    settings = RedisSettings(password_file=secret)
+    again = RedisSettings(**settings.model_dump())
+    assert again.password is not None and again.password.get_secret_value() == SECRET
