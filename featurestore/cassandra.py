@@ -203,6 +203,8 @@ class CassandraStore(OnlineStore):
             for view in self.views.values():
                 try:
                     self._prepare(view)
+                    # preparing checks no permission: one read does (a role without SELECT is told so here)
+                    self.session.execute(self._select[view.name], ("_connect",))
                 except (InvalidRequest, Unauthorized) as exc:
                     raise schema_problem(self.settings, view.table, view.name, exc) from exc
         except BaseException:
@@ -265,6 +267,8 @@ class CassandraStore(OnlineStore):
         work = [(self._insert[view_name], (entity, *values, event_ts, ttl)) for entity, values, event_ts in rows]
         results = await self._round(work)
         failures = [result for result in results if isinstance(result, BaseException)]
+        if failures and isinstance(failures[0], Unauthorized):
+            raise schema_problem(self.settings, view.table, view_name, failures[0])
         if failures:
             raise FeatureStoreUnavailable(f"{len(failures)} of {len(rows)} writes to {view.table} failed: "
                                           f"{failures[0]!r}")

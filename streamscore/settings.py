@@ -212,6 +212,11 @@ class StackSettings(_Strict):
     """Cassandra JVM heap (at most 1.5 GiB)."""
     start_timeout_s: float = 180.0
     """How long `stack up` waits for each server to answer."""
+    servers: list[Literal["kafka", "cassandra", "redis"]] = ["kafka", "cassandra", "redis"]
+    """The servers the stack runs (JSON list): a stack of its own for one server, on ports of its own."""
+    secured: bool = False
+    """The secured profile: Cassandra with PasswordAuthenticator and CassandraAuthorizer (superuser
+    ``cassandra``/``cassandra``, as Cassandra makes it), for least-privilege and bad-credential tests."""
 
 
 class WorkerSettings(_Strict):

@@ -4,6 +4,6 @@ Checkout tooling, not part of the worker: it lives in ``deploy/local/`` beside t
 templates it runs from (see ``stack.py``).
 """
 
-from .stack import CHECKOUT, DEPLOY_DIR, HOST, ServerStatus, Stack, StackError
+from .stack import CHECKOUT, DEPLOY_DIR, HOST, SECURED_CASSANDRA_SUPERUSER, ServerStatus, Stack, StackError
 
-__all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "ServerStatus", "Stack", "StackError"]
+__all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "SECURED_CASSANDRA_SUPERUSER", "ServerStatus", "Stack", "StackError"]

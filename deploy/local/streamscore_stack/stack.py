@@ -48,6 +48,8 @@ CHECKOUT = DEPLOY_DIR.parents[1]
 """The checkout this package runs from; the default stack dir and jar cache are at its root."""
 KAFKA_MAX_HEAP_MB = 1024
 CASSANDRA_MAX_HEAP_MB = 1536
+SECURED_CASSANDRA_SUPERUSER = ("cassandra", "cassandra")
+"""The superuser a PasswordAuthenticator Cassandra makes at its first start (the secured profile's admin)."""
 STOP_GRACE_S = 60.0
 """Cassandra drains its memtables on SIGTERM; give it that long before SIGKILL."""
 PROBE_TIMEOUT_S = 5.0
@@ -511,6 +513,8 @@ class _Cassandra(_Server):
                 "cassandra_port": settings.cassandra_port,
                 "cassandra_storage_port": settings.cassandra_storage_port,
                 "cassandra_data_dir": self.data_dir,
+                "cassandra_authenticator": "PasswordAuthenticator" if settings.secured else "AllowAllAuthenticator",
+                "cassandra_authorizer": "CassandraAuthorizer" if settings.secured else "AllowAllAuthorizer",
             },
         )
         self.copy_conf(DEPLOY_DIR / "cassandra" / "logback.xml")
@@ -559,6 +563,7 @@ class _Cassandra(_Server):
 
     def probe(self) -> str:
         from cassandra import ProtocolVersion
+        from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
         from cassandra.policies import WhiteListRoundRobinPolicy
 
@@ -569,6 +574,9 @@ class _Cassandra(_Server):
             [HOST],
             port=self.port,
             protocol_version=ProtocolVersion.V5,
+            # the secured profile: the superuser Cassandra makes at its first start
+            auth_provider=PlainTextAuthProvider(*SECURED_CASSANDRA_SUPERUSER) if self.context.settings.secured
+            else None,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             connect_timeout=PROBE_TIMEOUT_S,
             control_connection_timeout=PROBE_TIMEOUT_S,
@@ -707,7 +715,8 @@ class Stack:
 
     def _servers(self) -> list[_Server]:
         context = _Context(settings=self.settings, stack_dir=self.dir, tools=self._tools, jars=self.jars)
-        return [_Kafka(context), _Cassandra(context), _Redis(context)]
+        servers: list[_Server] = [_Kafka(context), _Cassandra(context), _Redis(context)]
+        return [server for server in servers if server.name in self.settings.servers]
 
     def _stopped_servers(self, servers: list[_Server]) -> list[_Server]:
         """The servers that need starting, after checking that none of their ports is taken, so that a
