@@ -63,6 +63,7 @@ def _wait_for(what: str, probe: Any, log: Path, timeout_s: float = 90.0) -> Any:
 def _start_worker(deployment: Deployment, extra: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     env = {**os.environ, **deployment.env, "STREAMSCORE_WORKER__WEB_PORT": str(port),
+           "STREAMSCORE_HTTP__PORT": str(_free_port()),  # beside the session's worker, which may be running
            "STREAMSCORE_WORKER__READINESS_INTERVAL_S": "0.5", **extra}
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL], env=env,
