@@ -124,6 +124,7 @@ class Client:
         """Predictions of a model (or any topic) as they arrive, decoded."""
         name = topic or topics.predictions(self.settings.topic_prefix, model or "")
         consumer = AIOKafkaConsumer(name, **client_kwargs(self.settings.kafka), group_id=group_id,
+                                    isolation_level="read_committed",
                                     auto_offset_reset="earliest" if from_beginning else "latest",
                                     enable_auto_commit=group_id is not None)
         await consumer.start()
@@ -180,7 +181,8 @@ class _ReplyListener:
 
     async def start(self) -> None:
         await ensure_topics(self.settings, [self.topic], partitions=1)
-        self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings.kafka), enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings.kafka), enable_auto_commit=False,
+                                          isolation_level="read_committed")
         await self._consumer.start()
         partition = TopicPartition(self.topic, 0)
         self._consumer.assign([partition])
@@ -263,7 +265,8 @@ async def tail_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
     partitions = [TopicPartition(topic, number) for number in await partitions_of(settings, topic)]
     if not partitions:
         raise ValueError(f"topic {topic!r} does not exist")
-    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False,
+                                isolation_level="read_committed")
     await consumer.start()
     consumer.assign(partitions)
     await consumer.seek_to_end(*partitions)

@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import socket
 import time
 import zlib
 from collections import deque
@@ -40,6 +42,7 @@ from aiokafka.errors import (
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerFenced,
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
@@ -56,6 +59,12 @@ log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+def transactional_id(settings: Settings) -> str:
+    """exactly_once: ``<prefix>-worker-<worker_id>`` (worker_id defaults to host:pid)."""
+    worker_id = settings.worker.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    return f"{settings.topic_prefix}-worker-{worker_id}"
+
+
 @dataclass
 class Flight:
     """One batch between its fetch and its commit."""
@@ -66,6 +75,8 @@ class Flight:
     fetched_at: float = field(default_factory=time.monotonic)
     state: str = "queued"
     """Where the batch is: queued (for its agent), scoring, publishing, acknowledged; for the stall report."""
+    in_transaction: bool = False
+    """exactly_once: its offsets are committed in the transaction of its messages, not by the consumer."""
 
     def describe(self) -> str:
         partitions = ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in self.next_offsets))
@@ -136,11 +147,11 @@ class BatchPublisher:
     async def _queue(self, messages: Sequence[Outbound], substitute: Substitute | None) -> list[_Send]:
         """Group by (topic, partition) and send each group. A group that cannot even be queued gets a failed
         future instead, so only that group is sent again: the groups Kafka took are never repeated."""
-        groups = await self._group(messages, substitute)
+        groups = await self.group(messages, substitute)
         sends = []
         for (topic, partition), group in groups.items():
             try:
-                sends.append(await self._send(topic, partition, group))
+                sends.append(await self.send(topic, partition, group))
             except Exception as exc:
                 sends.append((topic, partition, group, [_failed(exc)]))
         return sends
@@ -161,7 +172,7 @@ class BatchPublisher:
                 sends = None
                 await asyncio.sleep(delay)
 
-    async def _group(self, messages: Sequence[Outbound], substitute: Substitute | None
+    async def group(self, messages: Sequence[Outbound], substitute: Substitute | None
                      ) -> dict[tuple[str, int], list[Outbound]]:
         counts = self._partitions
         new_topics = {message[0] for message in messages} - counts.keys()
@@ -229,7 +240,7 @@ class BatchPublisher:
         self.substituted += len(messages) - sum(1 for message in messages if message[0] not in unwritable)
         return result
 
-    async def _send(self, topic: str, partition: int, group: list[Outbound]
+    async def send(self, topic: str, partition: int, group: list[Outbound]
                     ) -> _Send:
         futures, builder = [], self.producer.create_batch()
         for _, key, value, headers in group:
@@ -281,7 +292,7 @@ class BatchPublisher:
                             substitute: Substitute | None
                             ) -> list[_Send]:
         if isinstance(error, MessageSizeTooLargeError | RecordListTooLargeError) and len(group) > 1:
-            return [await self._send(topic, partition, [message]) for message in group]
+            return [await self.send(topic, partition, [message]) for message in group]
         if isinstance(error, _NEVER_ACCEPTED) and substitute is not None:
             replacements = [substitute(message, error) for message in group]
             if all(replacement is not None for replacement in replacements):
@@ -291,11 +302,11 @@ class BatchPublisher:
                 log.warning("Kafka refuses %d messages for %s (%r): publishing their dead letters instead",
                             len(group), topic, error)
                 self.substituted += len(group)
-                groups = await self._group([r for r in replacements if r is not None], None)
-                return [await self._send(new_topic, new_partition, new_group)
+                groups = await self.group([r for r in replacements if r is not None], None)
+                return [await self.send(new_topic, new_partition, new_group)
                         for (new_topic, new_partition), new_group in groups.items()]
         self.resent += len(group)
-        return [await self._send(topic, partition, group)]
+        return [await self.send(topic, partition, group)]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -329,6 +340,11 @@ class BatchDelivery(mode.Service):
         worker = settings.worker
         self.batch_max = worker.batch_max
         self.fetch_wait_ms = worker.fetch_wait_ms
+        self.exactly_once = worker.processing_guarantee == "exactly_once"
+        self._transactions = asyncio.Lock()
+        """exactly_once: one transaction at a time, in the order the batches asked (the lock is FIFO)."""
+        self.transactions = 0
+        self.aborted_transactions = 0
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.publisher: BatchPublisher | None = None
@@ -351,15 +367,26 @@ class BatchDelivery(mode.Service):
         self._fetching = True
         self._fetch_stopped = asyncio.Event()
 
+    @property
+    def group_id(self) -> str:
+        return topics.worker_group(self.settings.topic_prefix)
+
     async def on_start(self) -> None:
         kafka = client_kwargs(self.settings.kafka)
+        worker = self.settings.worker
+        transactional: dict[str, Any] = {}
+        if self.exactly_once:
+            transactional = {"transactional_id": transactional_id(self.settings),
+                             "transaction_timeout_ms": worker.transaction_timeout_ms}
         self.producer = AIOKafkaProducer(**kafka, acks="all", linger_ms=1, max_batch_size=1 << 20,
-                                         max_request_size=8 << 20, enable_idempotence=False)
+                                         max_request_size=8 << 20, enable_idempotence=self.exactly_once,
+                                         **transactional)
         await self.producer.start()
         self.publisher = BatchPublisher(self.producer)
         self.consumer = AIOKafkaConsumer(
             **kafka,
-            group_id=topics.worker_group(self.settings.topic_prefix),
+            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
+            group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_max,
@@ -369,6 +396,55 @@ class BatchDelivery(mode.Service):
         )
         await self.consumer.start()
         self.consumer.subscribe(sorted(self.channels), listener=_Rebalance(self))
+
+    async def publish(self, flight: Flight, messages: Sequence[Outbound],
+                      substitute: Substitute | None = None) -> asyncio.Future:
+        """Publish a batch's messages; the future resolves once Kafka has all of them (at_least_once), or once
+        they and the batch's offsets are committed in one transaction (exactly_once). Never raises."""
+        assert self.publisher is not None
+        if not self.exactly_once:
+            return await self.publisher.publish(messages, substitute)
+        flight.in_transaction = True
+        return asyncio.ensure_future(self._transaction(flight, messages, substitute))
+
+    async def _transaction(self, flight: Flight, messages: Sequence[Outbound], substitute: Substitute | None) -> None:
+        """The batch's messages and offsets in one transaction, tried again (aborted first) until committed. A
+        producer fenced by a newer one with the same transactional id stops trying: its partitions are someone
+        else's (the batch stays uncommitted, and the watchdog stops the worker)."""
+        assert self.producer is not None and self.publisher is not None
+        async with self._transactions:
+            for attempt in itertools.count():
+                try:
+                    await self._commit_in_transaction(flight, messages, substitute)
+                    self.transactions += 1
+                    return
+                except ProducerFenced:
+                    log.critical("this worker's transactional id %r is used by a newer worker: it stops publishing",
+                                 transactional_id(self.settings))
+                    raise
+                except Exception as exc:
+                    self.aborted_transactions += 1
+                    with contextlib.suppress(Exception):
+                        await self.producer.abort_transaction()
+                    delay = _backoff(attempt)
+                    log.warning("a transaction of %d messages failed (%r); trying again in %.2f s", len(messages),
+                                exc, delay)
+                    await asyncio.sleep(delay)
+
+    async def _commit_in_transaction(self, flight: Flight, messages: Sequence[Outbound],
+                                     substitute: Substitute | None) -> None:
+        assert self.producer is not None and self.publisher is not None
+        await self.producer.begin_transaction()
+        groups = await self.publisher.group(messages, substitute)
+        futures = []
+        for (topic, partition), group in groups.items():
+            futures += (await self.publisher.send(topic, partition, group))[3]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
+        await self.producer.send_offsets_to_transaction(flight.next_offsets, self.group_id)
+        await self.producer.commit_transaction()
 
     @property
     def oldest_flight(self) -> Flight | None:
@@ -465,11 +541,17 @@ class BatchDelivery(mode.Service):
         flight = self.flights[0]
         await asyncio.shield(flight.acked)
         offsets = dict(flight.next_offsets)
+        committed = flight.in_transaction
         self.flights.popleft()
         self._room.release()
         while self.flights and self.flights[0].acked.done():  # coalesce ready flights into one commit
+            committed &= self.flights[0].in_transaction
             offsets.update(self.flights.popleft().next_offsets)
             self._room.release()
+        if committed:  # exactly_once: the offsets went with the batches' transactions
+            self.committed_batches += 1
+            self.waiting_since = time.monotonic() if self.flights else None
+            return
         await self._commit(offsets)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:

@@ -257,6 +257,18 @@ class WorkerSettings(_Strict):
     """A worker whose oldest batch has waited this long without a commit (or whose event loop or fetch loop
     has not come round for this long) cannot make progress: it reports not ready at ``/readyz``, logs why and
     exits with code 70 so its supervisor restarts it. Longer than any broker outage it should ride out."""
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """``at_least_once``: a batch's offsets are committed after Kafka acknowledged its predictions and dead
+    letters; a crash may repeat a batch's answers (keyed by request id, so readers can drop repeats).
+    ``exactly_once``: each batch's predictions, dead letters, shadow records and consumed offsets are
+    committed in one Kafka transaction, so a reader with ``isolation.level=read_committed`` sees every request
+    answered once, even across a crash (the SDK reads that way). Costs a transaction per batch, and readers
+    see a batch only once it is committed. Set ``worker_id`` to a name stable across restarts (a pod name):
+    it makes the transactional id, so a restarted worker fences its dead self at once instead of after
+    ``transaction_timeout_ms``."""
+    transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
+    """exactly_once: how long a transaction left open by a worker that died may hold back read_committed
+    readers of its partitions before the broker aborts it."""
     shutdown_timeout_s: float = Field(default=15.0, gt=0)
     """Longest a SIGTERM/SIGINT shutdown may take: the batches in flight are finished and committed within
     about half of it; past the whole of it the process exits at once (code 71) and whatever was not committed

@@ -111,8 +111,8 @@ class ModelScorer:
                 HttpRows.fail(taken, f"internal error: {type(exc).__name__}: {exc}")
         flight.state = "publishing"
         assert self.delivery is not None and self.delivery.publisher is not None
-        acked = await self.delivery.publisher.publish([*outcome.predictions, *outcome.dead_letters, *outcome.extra],
-                                                      self._undeliverable)
+        acked = await self.delivery.publish(flight, [*outcome.predictions, *outcome.dead_letters, *outcome.extra],
+                                            self._undeliverable)
         acked.add_done_callback(lambda done: _acknowledged(flight, done))
         try:
             self._count(records, outcome, http_answered)

@@ -91,7 +91,7 @@ def install() -> None:
 
     FeatureStore.fetch = faulty_fetch  # type: ignore[method-assign]
 
-    send = BatchPublisher._send
+    send = BatchPublisher.send
     publish_faults: dict[bytes, int] = {}
 
     async def faulty_send(self: Any, topic: str, partition: int, group: list[Any]) -> Any:
@@ -106,7 +106,7 @@ def install() -> None:
                 _commit_faults[0] = 2
         return await send(self, topic, partition, group)
 
-    BatchPublisher._send = faulty_send  # type: ignore[method-assign]
+    BatchPublisher.send = faulty_send  # type: ignore[method-assign]
 
     commit = AIOKafkaConsumer.commit
 

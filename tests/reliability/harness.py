@@ -502,7 +502,10 @@ class Collector:
         wanted = [*sorted(self.prediction_topics), self.scenario.dlq_topic]
         partitions = [TopicPartition(topic, number) for topic in wanted
                       for number in await partitions_of(settings, topic)]
+        # read_committed, as the SDK reads: under exactly_once only committed batches count (the same as
+        # read_uncommitted for at_least_once, which writes no transactions)
         self._consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False,
+                                          isolation_level="read_committed",
                                           max_partition_fetch_bytes=8 << 20, fetch_max_bytes=32 << 20)
         await self._consumer.start()
         self._consumer.assign(partitions)

@@ -22,6 +22,22 @@ def test_sigkill_three_times_loses_nothing(scenario: Callable[..., Scenario]) ->
     assert result.notes["kills_mid_stream"] >= 1, result.describe()
 
 
+@pytest.mark.timeout(240)
+def test_exactly_once_sigkill_three_times_answers_every_request_once(scenario: Callable[..., Scenario]) -> None:
+    """processing_guarantee exactly_once: each batch's answers and offsets in one transaction; a reader with
+    read_committed sees every request answered exactly once across three SIGKILLs (at_least_once repeats the
+    batches in flight at each kill)."""
+    crashing = scenario("crash_exactly_once")
+    crashing.extra_env.update({"STREAMSCORE_WORKER__PROCESSING_GUARANTEE": "exactly_once",
+                               "STREAMSCORE_WORKER__WORKER_ID": "crash-eos"})
+    result = asyncio.run(crash(crashing, count=3_000, rate=200, kills=2))
+    print(result.describe())
+
+    assert_nothing_lost(result, 0)
+    assert result.duplicated == 0 and result.dead_lettered == 0, result.describe()
+    assert result.notes["kills_mid_stream"] >= 1, result.describe()
+
+
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_soak_sigkill_three_times_loses_nothing(scenario: Callable[..., Scenario],

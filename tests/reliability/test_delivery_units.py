@@ -251,8 +251,9 @@ def make_agent(pipeline: FakePipeline | None = None) -> tuple[Any, FakePublisher
     agent = ModelScorer(pipeline or FakePipeline(), WorkerMetrics())
     publisher = FakePublisher()
 
-    class Delivery:
-        pass
+    class Delivery:  # at_least_once: what BatchDelivery.publish does, with the fake publisher
+        async def publish(self, flight: Any, messages: list[Any], substitute: Any = None) -> asyncio.Future:
+            return await publisher.publish(messages, substitute)
 
     agent.delivery = Delivery()
     agent.delivery.publisher = publisher
