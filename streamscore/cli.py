@@ -704,6 +704,89 @@ def features_get(view: str, entities: tuple[str, ...]) -> None:
     click.echo(json.dumps(rows, indent=2))
 
 
+# --- score (batch) --------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+EXIT_ROWS_LOST = 3
+"""Exit code of a `score` run whose output has fewer rows than its input."""
+
+
+def _duration(text: str | None) -> float | None:
+    """``90``, ``90s``, ``15m``, ``6h``, ``1d`` -> seconds."""
+    if text is None:
+        return None
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 15m, 6h or 1d",
+                                 param_hint="--every") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{text!r} must be longer than 0", param_hint="--every")
+    return seconds
+
+
+@main.command()
+@click.option("--model", required=True, help="Model to score with.")
+@click.option("--input", "input_path", required=True,
+              help="Parquet requests: id, the model's entity keys and request features (README: Batch scoring).")
+@click.option("--output", "output_path", required=True,
+              help="Parquet predictions (spark: a folder of part files); '{run}' is replaced by the run's UTC time.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True)
+@click.option("--spark-master", default=None, help="Spark master URL (default: spark-submit's, else local[*]).")
+@click.option("--version", default=None, help="Model version (default: the one workers serve).")
+@click.option("--to-topic", is_flag=True, help="Also publish every prediction to the model's predictions topic.")
+@click.option("--every", default=None, help="Run again every DURATION (90s, 15m, 6h, 1d) until stopped.")
+def score(model: str, input_path: str, output_path: str, engine: str, spark_master: str | None,
+          version: str | None, to_topic: bool, every: str | None) -> None:
+    """Batch scoring: parquet requests through the worker's pipeline into parquet predictions, with a summary
+    (rows, answered, degraded, duration, rows/s) printed and written beside the output; exit code 3 when
+    rows were lost."""
+    import time
+
+    period = _duration(every)
+    settings = _settings()
+    _setup_logging("WARNING")
+    while True:
+        began = time.monotonic()
+        summary = _score_once(settings, model, input_path, output_path.replace("{run}", _run_stamp()), engine,
+                              spark_master, version, to_topic)
+        summary.write()
+        click.echo(summary.line())
+        if summary.lost:
+            click.echo(f"error: {summary.lost} of {summary.rows} rows have no output row", err=True)
+            sys.exit(EXIT_ROWS_LOST)
+        if period is None:
+            return
+        time.sleep(max(0.0, period - (time.monotonic() - began)))
+
+
+def _run_stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _score_once(settings: Settings, model: str, input_path: str, output_path: str, engine: str,
+                spark_master: str | None, version: str | None, to_topic: bool) -> Any:
+    if importlib.util.find_spec("pyarrow") is None:
+        raise click.ClickException("`streamscore score` needs the [batch] extra (not installed: pyarrow): pip "
+                                   "install 'streamscore[batch]' (in a checkout: .venv/bin/pip install -e '.[batch]')")
+    from streamscore.featurestore.cassandra import FeatureStoreUnavailable
+    from streamscore.featurestore.views import ViewsError
+    from streamscore.workers.batch import BatchInputError, run_local
+    from streamscore.workers.library import ModelError
+
+    try:
+        if engine == "spark":
+            spark_job = _optional("streamscore.workers.spark_job", "score --engine spark", "spark",
+                                  ("pyspark", "pandas"))
+            return spark_job.run_spark(settings, model, input_path, output_path, version, spark_master, to_topic)
+        return run_local(settings, model, Path(input_path), Path(output_path), version, to_topic)
+    except (BatchInputError, ModelError, ViewsError, FeatureStoreUnavailable) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # --- demo -----------------------------------------------------------------------------------------------------
 
 @main.command()

@@ -428,38 +428,44 @@ class Encode:
     async def __call__(self, batch: ScoringBatch) -> None:
         decoded = batch.decoded
         assert decoded is not None
-        answered = batch.status != NOT_ANSWERED
-        lineage = self.lineage()
-        batch.context["lineage"] = lineage  # what later stages (the prediction log) record beside the prediction
-        if batch.route is None:
-            groups = [(batch.model, answered)]
-        else:  # one encode call per version: each prediction names the version (and artifact) that scored it
-            groups = [(runtime, answered & (batch.route == position)) for position, runtime in enumerate(batch.routed)]
         default_topic, reply_to = self.predictions_topic, decoded.reply_to
-        for runtime, mask in groups:
-            if batch.route is not None and not mask.any():
-                continue
-            prediction_batch = _prediction_batch(batch, {**lineage, "artifact_sha256": runtime.manifest.sha256},
-                                                 np.flatnonzero(mask), runtime)
+        lineage = self.lineage()
+        batch.context["lineage"] = lineage  # what later stages (the prediction log, batch tables) record beside it
+        for runtime, prediction_batch in prediction_batches(batch, lineage):
             encoded = fastpath.encode_predictions(prediction_batch, now_ms())
             # plain tuples, read as Outbound by the publisher: a few thousand per batch, so no per-message class
             batch.predictions.extend(
                 (reply_to[row] or default_topic, request_id.encode(), value, None)
                 for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True))
             batch.context.setdefault("answered_by_version", {})[runtime.version] = len(prediction_batch.rows)
-            statuses, counts = np.unique(batch.status[mask], return_counts=True)
+            statuses, counts = np.unique(batch.status[prediction_batch.rows], return_counts=True)
             batch.context.setdefault("status_by_version", {})[runtime.version] = dict(
                 zip(statuses.tolist(), counts.tolist(), strict=True))
 
 
+def prediction_batches(batch: ScoringBatch, lineage: dict[str, object]) -> list[tuple[ModelRuntime, RowsBatch]]:
+    """The answered rows of a batch as columnar predictions, one per version that scored some (production only
+    unless routed), each with the lineage of that version's artifact: what ``encode`` encodes, and what batch
+    scoring (workers/batch.py) writes as table rows."""
+    answered = batch.status != NOT_ANSWERED
+    if batch.route is None:
+        groups = [(batch.model, answered)]
+    else:  # one group per version: each prediction names the version (and artifact) that scored it
+        groups = [(runtime, answered & (batch.route == position)) for position, runtime in enumerate(batch.routed)
+                  if (answered & (batch.route == position)).any()]
+    return [(runtime, _prediction_batch(batch, {**lineage, "artifact_sha256": runtime.manifest.sha256},
+                                        np.flatnonzero(mask), runtime))
+            for runtime, mask in groups]
+
+
 @dataclass
-class _RowsBatch(fastpath.PredictionBatch):
+class RowsBatch(fastpath.PredictionBatch):
     rows: list[int] = field(default_factory=list)
     """Decoded row of each prediction."""
 
 
 def _prediction_batch(batch: ScoringBatch, lineage: dict[str, object], rows: np.ndarray,
-                      model: ModelRuntime) -> _RowsBatch:
+                      model: ModelRuntime) -> RowsBatch:
     decoded, status = batch.decoded, batch.status
     assert decoded is not None
     row_list = rows.tolist()
@@ -472,7 +478,7 @@ def _prediction_batch(batch: ScoringBatch, lineage: dict[str, object], rows: np.
         row_errors[position] = (("expired", f"deadline_ms {int(decoded.deadline_ms[row])} passed before the "
                                             "request was scored") if status_list[position] == EXPIRED
                                 else batch.error or ("error", "not scored"))
-    return _RowsBatch(
+    return RowsBatch(
         rows=row_list,
         ids=decoded.ids if len(row_list) == len(decoded) else [decoded.ids[row] for row in row_list],
         model=model.name,

@@ -1,0 +1,164 @@
+"""Batch scoring against the real stack: the same requests through a real worker on Kafka, ``score --engine
+local`` and ``score --engine spark`` on local Spark give the same scores, degraded marks and feature
+timestamps; no row is lost; a bad requests file is refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from streamscore.streams import topics
+from streamscore.streams.client import Client
+from streamscore.streams.kafka import client_kwargs
+from streamscore.streams.wire import unpack
+from streamscore.workers.batch import BatchInputError, run_local
+from streamscore_examples.fraud.data import generate_transactions
+
+from .conftest import MODEL, Deployment, offline_scores_of
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+TOLERANCE = 1e-6
+
+
+def _requests(deployment: Deployment, count: int) -> list[dict[str, Any]]:
+    """Demo transactions against the deployment's rows (card-7 excluded: another test changes its row), a few
+    for cards and merchants the store does not know (degraded), and one without ``is_foreign`` (its default)."""
+    rows = {view: {entity: values for entity, values in entities.items() if entity != "card-7"}
+            for view, entities in deployment.rows.items()}
+    run = uuid.uuid4().hex[:6]
+    transactions = generate_transactions(rows, count, seed=21, with_labels=False, unknown_rate=0.05)
+    requests = [{"id": f"b-{run}-{i}", "entities": {"card_id": t["card_id"], "merchant_id": t["merchant_id"]},
+                 "features": {"amount": t["amount"], "hour": t["hour"], "is_foreign": t["is_foreign"]}}
+                for i, t in enumerate(transactions)]
+    del requests[0]["features"]["is_foreign"]
+    return requests
+
+
+def _table(requests: list[dict[str, Any]], bad: bool = True) -> pa.Table:
+    """The requests as a parquet table; with ``bad``, two more rows the pipeline must reject: a NaN amount and
+    a null card id."""
+    def column(key: str, name: str) -> list[Any]:
+        return [request[key].get(name) for request in requests]
+
+    data: dict[str, list[Any]] = {"id": [r["id"] for r in requests], "card_id": column("entities", "card_id"),
+                                  "merchant_id": column("entities", "merchant_id"),
+                                  "amount": column("features", "amount"), "hour": column("features", "hour"),
+                                  "is_foreign": column("features", "is_foreign")}
+    if bad:
+        for name, values in {"id": ["bad-nan", "bad-card"], "card_id": ["card-1", None],
+                             "merchant_id": ["merchant-1", "merchant-1"], "amount": [math.nan, 10.0],
+                             "hour": [1.0, 1.0], "is_foreign": [0.0, 0.0]}.items():
+            data[name].extend(values)
+    return pa.table(data)
+
+
+async def _through_kafka(deployment: Deployment, requests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each request produced to the worker's request topic; its prediction from the predictions topic."""
+    topic = topics.predictions(deployment.settings.topic_prefix, MODEL)
+    consumer = AIOKafkaConsumer(topic, **client_kwargs(deployment.settings.kafka), auto_offset_reset="latest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=100)
+        await consumer.seek_to_end()
+        async with Client(deployment.settings) as client:
+            await client.produce_many(MODEL, requests)
+        wanted, answers = {request["id"] for request in requests}, {}
+        deadline = time.monotonic() + 60
+        while not wanted <= answers.keys() and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    prediction = unpack(record.value)
+                    if prediction["id"] in wanted:
+                        answers[prediction["id"]] = prediction
+    finally:
+        await consumer.stop()
+    assert wanted <= answers.keys(), f"{len(wanted - answers.keys())} requests not answered through Kafka"
+    return answers
+
+
+def _by_id(path: Path) -> dict[str, dict[str, Any]]:
+    return {row["id"]: row for row in pq.read_table(path).to_pylist()}
+
+
+def test_kafka_local_and_spark_give_the_same_predictions(deployment: Deployment, tmp_path: Path) -> None:
+    requests = _requests(deployment, 300)
+    kafka = asyncio.run(_through_kafka(deployment, requests))
+    version = next(iter(kafka.values()))["version"]
+    source = tmp_path / "requests.parquet"
+    pq.write_table(_table(requests), source)
+
+    local_summary = run_local(deployment.settings, MODEL, source, tmp_path / "local.parquet", version)
+    from streamscore.workers.spark_job import run_spark
+
+    spark_summary = run_spark(deployment.settings, MODEL, str(source), str(tmp_path / "spark.parquet"), version,
+                              master="local[2]")
+    for summary in (local_summary, spark_summary):
+        assert (summary.rows, summary.output_rows, summary.lost) == (302, 302, 0), summary
+        assert (summary.ok, summary.rejected) == (300, 2), summary
+        assert summary.degraded == sum(1 for p in kafka.values() if p["degraded"]), summary
+
+    local, spark = _by_id(tmp_path / "local.parquet"), _by_id(tmp_path / "spark.parquet")
+    assert [row["id"] for row in pq.read_table(tmp_path / "local.parquet").to_pylist()] == \
+        [r["id"] for r in requests] + ["bad-nan", "bad-card"]  # the local engine keeps the input's order
+    ids = [request["id"] for request in requests]
+    kafka_scores = np.array([kafka[i]["outputs"]["fraud_probability"] for i in ids])
+    for engine, rows in (("local", local), ("spark", spark)):
+        scores = np.array([rows[i]["fraud_probability"] for i in ids])
+        assert np.abs(scores - kafka_scores).max() <= TOLERANCE, engine
+        for request_id in ids:
+            row, prediction = rows[request_id], kafka[request_id]
+            assert row["status"] == prediction["status"] == "ok"
+            assert row["decision"] == prediction["outputs"]["decision"]
+            assert row["degraded"] == prediction["degraded"], (engine, request_id)
+            assert (row["version"], row["artifact_sha256"]) == (version, prediction["lineage"]["artifact_sha256"])
+            for view, stamp in prediction["lineage"]["feature_ts_ms"].items():
+                assert row[f"feature_ts_ms_{view}"] == stamp, (engine, request_id, view)
+        assert (rows["bad-nan"]["status"], rows["bad-nan"]["error_kind"]) == ("rejected", "bad_feature")
+        assert (rows["bad-card"]["status"], rows["bad-card"]["error_kind"]) == ("rejected", "missing_entity")
+    assert np.abs(offline_scores_of(deployment, requests) - kafka_scores).max() <= 1e-5
+    assert any(kafka[i]["degraded"] for i in ids) and not all(kafka[i]["degraded"] for i in ids)
+
+
+def test_score_command_writes_the_summary_and_refuses_bad_files_in_one_line(deployment: Deployment,
+                                                                            tmp_path: Path) -> None:
+    requests = _requests(deployment, 20)
+    good, missing, wrong = tmp_path / "good.parquet", tmp_path / "missing.parquet", tmp_path / "wrong.parquet"
+    table = _table(requests, bad=False)
+    pq.write_table(table, good)
+    pq.write_table(table.drop_columns(["amount"]), missing)
+    pq.write_table(table.set_column(table.schema.get_field_index("hour"), "hour",
+                                    pa.array(["13"] * table.num_rows)), wrong)
+    env = {**os.environ, **deployment.env}
+    command = [sys.executable, "-m", "streamscore", "score", "--model", MODEL, "--output",
+               str(tmp_path / "out.parquet")]
+    done = subprocess.run([*command, "--input", str(good)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert (summary["rows"], summary["answered"], summary["lost"]) == (20, 20, 0)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == summary
+    refused = subprocess.run([*command, "--input", str(missing)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"Error: {missing}: column 'amount' is missing (the model's requests have columns: id, card_id, "
+        "merchant_id, amount, hour (optional), is_foreign (optional); optional: deadline_ms, version)"]
+    with pytest.raises(BatchInputError, match=r"column 'hour' is string, not a number") as raised:
+        run_local(deployment.settings, MODEL, wrong, tmp_path / "never.parquet")
+    assert "\n" not in str(raised.value)

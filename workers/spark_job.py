@@ -1,0 +1,227 @@
+"""Batch scoring on Apache Spark: the same ``BatchScorer`` (workers/batch.py) in every partition, via
+``mapInArrow``.
+
+``mapInArrow`` rather than ``mapInPandas``: the partition's rows reach the scorer as the Arrow batches Spark
+made, with no pandas frame in between. Through pandas a null double becomes NaN and stays NaN, so a missing
+request feature (its default applies) and a NaN one (the request is rejected, as on Kafka) could no longer be
+told apart, and nullable integer columns turn into floats; the two pandas conversions per batch cost time too.
+
+The driver reads the requests (``spark.read.parquet``: a file or a folder, local or on any file system Spark
+reads), checks their columns, learns the output schema from the pipeline itself (``BatchScorer.probe_schema``),
+and ships the model version's folder to the executors with ``SparkContext.addFile`` (each executor checks the
+artifact's sha256 again when it loads it). Each Python worker of an executor then keeps one ``BatchScorer``
+for the job: one feature-store connection (a Cassandra session and a Redis client), one event loop, one loaded
+model, reused by every partition it runs. A partition's rows arrive as Arrow batches of
+``spark.sql.execution.arrow.maxRecordsPerBatch`` rows; each is scored in pipeline batches of
+``STREAMSCORE_BATCH__CHUNK_ROWS`` (one Redis MGET, one concurrent round of Cassandra reads for the misses, one
+assembly, one ONNX Runtime call each).
+
+Why the project's own batch read rather than the Spark Cassandra Connector: the connector reads Cassandra
+alone, past the Redis cache, and hands back rows as Spark columns, so the join, the defaults of a missing
+entity, the ``degraded`` marks and the lineage timestamps would have to be written again in Spark SQL: a second
+copy of the feature logic that could drift from the worker's. Through ``FeatureStore.fetch`` a partition gets
+exactly what a worker gets, from the same cache, and the reads are already batched (docs: README "Batch
+scoring").
+
+pyspark is imported only here (``--engine spark``); the driver and the executors need the package installed
+(``pip install 'streamscore[spark]'``) and the settings travel with the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from streamscore.featurestore.views import FeatureView
+from streamscore.settings import Settings
+
+from .batch import (
+    BatchInputError,
+    BatchScorer,
+    RequestColumns,
+    Summary,
+    check_schema,
+    host_id,
+    prepare,
+    public,
+    utc_now,
+)
+from .library import version_dir
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SparkJob:
+    """What every task needs, pickled into the closure of ``mapInArrow``."""
+
+    job_id: str
+    settings: Settings
+    views: dict[str, FeatureView]
+    model: str
+    version: str
+    staged: str
+    """Name under SparkFiles of the folder holding ``<model>/<version>/``: a models_dir of one version."""
+    schema: bytes
+    """The scorer's output Arrow schema (serialized; ``public`` of it is the written one)."""
+    to_topic: bool
+
+
+class _ExecutorState:
+    """The scorer of one Python worker for one job, kept across the partitions it runs."""
+
+    job_id: str | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    scorer: BatchScorer | None = None
+
+    @classmethod
+    def scorer_for(cls, job: SparkJob) -> tuple[asyncio.AbstractEventLoop, BatchScorer]:
+        if cls.job_id != job.job_id or cls.scorer is None or cls.loop is None:
+            cls.close()
+            from pyspark import SparkFiles
+
+            from .runtime import load_model
+
+            models_dir = Path(SparkFiles.get(job.staged))
+            settings = job.settings.model_copy(update={"models_dir": models_dir})
+            model = load_model(models_dir, job.model, job.views, settings.worker, job.version)
+            loop = asyncio.new_event_loop()
+            scorer = BatchScorer(settings, model, job.views, f"spark:{job.job_id}:{host_id()}", job.to_topic)
+            loop.run_until_complete(scorer.start(pa.ipc.read_schema(pa.py_buffer(job.schema))))
+            cls.job_id, cls.loop, cls.scorer = job.job_id, loop, scorer
+        assert cls.loop is not None and cls.scorer is not None
+        return cls.loop, cls.scorer
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.scorer is not None and cls.loop is not None:
+            try:
+                cls.loop.run_until_complete(cls.scorer.close())
+            except Exception:  # a connection that will not close must not fail the next job
+                log.exception("closing the feature store of job %s", cls.job_id)
+            cls.loop.close()
+        cls.job_id, cls.loop, cls.scorer = None, None, None
+
+
+atexit.register(_ExecutorState.close)
+
+
+def score_partition(job: SparkJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow``'s function: each Arrow batch of the partition through the batch pipeline."""
+    from pyspark import TaskContext
+
+    loop, scorer = _ExecutorState.scorer_for(job)
+    context = TaskContext.get()
+    source = f"partition-{context.partitionId() if context is not None else 0}"
+    first_row = 0
+    for batch in batches:
+        scored = loop.run_until_complete(scorer.score(pa.Table.from_batches([batch]), first_row, source))
+        first_row += batch.num_rows
+        yield from public(scored).to_batches()
+
+
+def spark_session(master: str | None, app_name: str = "streamscore-score") -> SparkSession:
+    """A session on ``master`` (``local[*]``, ``spark://host:7077``, ``yarn``, ``k8s://...``); without one, the
+    master spark-submit was given, else ``local[*]``. On a local master the executors run this same Python
+    (``PYSPARK_PYTHON`` defaults to it); on a cluster, ``PYSPARK_PYTHON`` names the executors' interpreter, which
+    must have streamscore installed."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    conf = SparkConf()
+    chosen = master or conf.get("spark.master", None) or "local[*]"
+    builder = (builder.master(chosen).config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .config("spark.ui.showConsoleProgress", "false"))
+    if chosen.startswith("local"):
+        # the executors' Python is PYSPARK_PYTHON, else "python3" on the PATH: not this virtualenv's
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = builder.config("spark.ui.enabled", "false")
+        builder = builder.config("spark.sql.shuffle.partitions", "4")
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def run_spark(settings: Settings, model_name: str, input_path: str, output_path: str, version: str | None = None,
+              master: str | None = None, to_topic: bool = False, spark: SparkSession | None = None) -> Summary:
+    """Score a parquet dataset of requests into a parquet dataset of predictions (a folder of part files, one
+    per partition) on Spark; the summary is counted from what was written."""
+    started = time.monotonic()
+    model, views = prepare(settings, model_name, version)
+    session = spark or spark_session(master)
+    requests = _read_requests(session, input_path)
+    columns = RequestColumns.of(model)
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+
+    check_schema(to_arrow_schema(requests.schema), columns, input_path)
+    schema = BatchScorer.probe_schema(settings, model, views)
+    summary = Summary("spark", model.name, model.version, input_path, output_path, started_at=utc_now(),
+                      details={"master": session.sparkContext.master})
+    staging = Path(tempfile.mkdtemp(prefix="streamscore-model-"))
+    try:
+        job_id = uuid.uuid4().hex[:12]
+        staged = staging / f"models-{job_id}"
+        shutil.copytree(version_dir(settings.models_dir, model.name, model.version),
+                        staged / model.name / model.version)
+        session.sparkContext.addFile(str(staged), recursive=True)
+        job = SparkJob(job_id, settings, dict(views), model.name, model.version, staged.name,
+                       schema.serialize().to_pybytes(), to_topic)
+        summary.rows = requests.count()
+        partitions = _partitions(session, summary.rows, settings.batch.spark_partition_rows)
+        if requests.rdd.getNumPartitions() < partitions:
+            requests = requests.repartition(partitions)
+        summary.details["partitions"] = requests.rdd.getNumPartitions()
+
+        def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            return score_partition(job, batches)
+
+        scored = requests.mapInArrow(score, schema=from_arrow_schema(public(schema.empty_table()).schema))
+        scored.write.mode("overwrite").parquet(output_path)
+        _count_written(session, output_path, summary)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if spark is None:
+            session.stop()
+    summary.finish(started)
+    return summary
+
+
+def _read_requests(session: SparkSession, input_path: str) -> DataFrame:
+    from pyspark.errors import AnalysisException
+
+    try:
+        return session.read.parquet(input_path)
+    except AnalysisException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BatchInputError(f"{input_path}: Spark cannot read it as parquet ({first_line})") from None
+
+
+def _partitions(session: SparkSession, rows: int, rows_per_partition: int) -> int:
+    return max(2 * session.sparkContext.defaultParallelism, math.ceil(rows / rows_per_partition))
+
+
+def _count_written(session: SparkSession, output_path: str, summary: Summary) -> None:
+    from pyspark.sql import functions as F
+
+    written = session.read.parquet(output_path)
+    counts: Mapping[str, Any] = {row["status"]: row["count"] for row in written.groupBy("status").count().collect()}
+    degraded = written.filter(F.size("degraded") > 0).count()
+    summary.count(counts, degraded)
