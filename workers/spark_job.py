@@ -39,15 +39,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from streamscore.featurestore.views import FeatureView
-from streamscore.settings import Settings
+from streamscore.settings import BatchSettings, Settings
 
 from .batch import (
     BatchInputError,
@@ -166,7 +166,9 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
     per partition) on Spark; the summary is counted from what was written."""
     started = time.monotonic()
     model, views = prepare(settings, model_name, version)
+    phases = {"prepare_s": time.monotonic() - started}
     session = spark or spark_session(master)
+    phases["spark_session_s"] = time.monotonic() - started - phases["prepare_s"]
     requests = _read_requests(session, input_path)
     columns = RequestColumns.of(model)
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
@@ -185,7 +187,7 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
         job = SparkJob(job_id, settings, dict(views), model.name, model.version, staged.name,
                        schema.serialize().to_pybytes(), to_topic)
         summary.rows = requests.count()
-        partitions = _partitions(session, summary.rows, settings.batch.spark_partition_rows)
+        partitions = _partitions(session, summary.rows, settings.batch)
         if requests.rdd.getNumPartitions() < partitions:
             requests = requests.repartition(partitions)
         summary.details["partitions"] = requests.rdd.getNumPartitions()
@@ -193,13 +195,17 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
         def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             return score_partition(job, batches)
 
+        scoring = time.monotonic()
         scored = requests.mapInArrow(score, schema=from_arrow_schema(public(schema.empty_table()).schema))
         scored.write.mode("overwrite").parquet(output_path)
+        phases["score_and_write_s"] = time.monotonic() - scoring
         _count_written(session, output_path, summary)
+        phases["count_s"] = time.monotonic() - scoring - phases["score_and_write_s"]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if spark is None:
             session.stop()
+    summary.details.update({name: round(seconds, 3) for name, seconds in phases.items()})
     summary.finish(started)
     return summary
 
@@ -214,14 +220,18 @@ def _read_requests(session: SparkSession, input_path: str) -> DataFrame:
         raise BatchInputError(f"{input_path}: Spark cannot read it as parquet ({first_line})") from None
 
 
-def _partitions(session: SparkSession, rows: int, rows_per_partition: int) -> int:
-    return max(2 * session.sparkContext.defaultParallelism, math.ceil(rows / rows_per_partition))
+def _partitions(session: SparkSession, rows: int, batch: BatchSettings) -> int:
+    """Enough partitions for every core of the cluster (and ``spark_partition_rows`` each at most), but no
+    more than there are pipeline batches: a partition costs a task, a small input keeps few."""
+    wanted = max(session.sparkContext.defaultParallelism, math.ceil(rows / batch.spark_partition_rows))
+    return max(1, min(wanted, math.ceil(rows / batch.chunk_rows)))
 
 
 def _count_written(session: SparkSession, output_path: str, summary: Summary) -> None:
+    """Rows by status and degraded rows, counted from the written files in one pass."""
     from pyspark.sql import functions as F
 
     written = session.read.parquet(output_path)
-    counts: Mapping[str, Any] = {row["status"]: row["count"] for row in written.groupBy("status").count().collect()}
-    degraded = written.filter(F.size("degraded") > 0).count()
-    summary.count(counts, degraded)
+    counts = written.groupBy("status").agg(F.count(F.lit(1)).alias("rows"),
+                                           F.sum((F.size("degraded") > 0).cast("long")).alias("degraded")).collect()
+    summary.count({row["status"]: row["rows"] for row in counts}, sum(row["degraded"] or 0 for row in counts))
