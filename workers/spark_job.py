@@ -174,7 +174,9 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
     check_schema(to_arrow_schema(requests.schema), columns, input_path)
+    phases["read_s"] = time.monotonic() - started - phases["prepare_s"] - phases["spark_session_s"]
     schema = BatchScorer.probe_schema(settings, model, views)
+    phases["probe_s"] = time.monotonic() - started - sum(phases.values())
     summary = Summary("spark", model.name, model.version, input_path, output_path, started_at=utc_now(),
                       details={"master": session.sparkContext.master})
     staging = Path(tempfile.mkdtemp(prefix="streamscore-model-"))
@@ -186,7 +188,9 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
         session.sparkContext.addFile(str(staged), recursive=True)
         job = SparkJob(job_id, settings, dict(views), model.name, model.version, staged.name,
                        schema.serialize().to_pybytes(), to_topic)
+        counting = time.monotonic()
         summary.rows = requests.count()
+        phases["count_input_s"] = time.monotonic() - counting
         partitions = _partitions(session, summary.rows, settings.batch)
         if requests.rdd.getNumPartitions() < partitions:
             requests = requests.repartition(partitions)

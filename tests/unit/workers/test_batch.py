@@ -122,3 +122,18 @@ def test_score_exits_non_zero_when_rows_were_lost_and_parses_its_schedule(monkey
         with pytest.raises(click.BadParameter):
             cli._duration(bad)
     assert np.isclose(cli._duration("0.5s") or 0, 0.5)
+
+
+def test_the_cronjob_manifest_runs_a_score_command_the_cli_takes() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[3] / "deploy/k8s/score-cronjob.yaml").read_text()
+    command = re.search(r"command: (\[.*?\])", text, re.S)
+    args = re.search(r"args: (\[.*?\])", text, re.S)
+    assert command is not None and args is not None
+    assert json.loads(command.group(1)) == ["streamscore"]
+    score, *options = json.loads(args.group(1))
+    context = cli.main.commands[score].make_context(score, options)
+    assert context.params["model"] == "fraud" and "{run}" in context.params["output_path"]
