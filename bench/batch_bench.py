@@ -41,8 +41,10 @@ model in each; the measured runs are the ones after it."""
 
 
 def _settings(scratch: Path, run: str) -> Settings:
+    base = Settings()
     return Settings(models_dir=scratch / "models", views_file=scratch / "views.json", topic_prefix=f"bb{run}",
-                    cassandra={"keyspace": f"bench_batch_{run}"}, worker={"device": "cpu"})
+                    cassandra=base.cassandra.model_copy(update={"keyspace": f"bench_batch_{run}"}),
+                    worker=base.worker.model_copy(update={"device": "cpu"}))
 
 
 async def _fill(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -122,7 +124,7 @@ def run(rows_total: int, out_dir: Path, master: str) -> dict[str, Any]:
                 session.stop()
         finally:
             _drop_keyspace(settings)
-    results = {
+    results: dict[str, Any] = {
         "rows": rows_total, "master": master, "spark_session_start_s": round(session_s, 2),
         "spark_warm_up": _figures(warm_up),
         "local": _figures(local),

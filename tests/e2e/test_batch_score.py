@@ -1,6 +1,7 @@
-"""Batch scoring against the real stack: the same requests through a real worker on Kafka, ``score --engine
-local`` and ``score --engine spark`` on local Spark give the same scores, degraded marks and feature
-timestamps; no row is lost; a bad requests file is refused in one line."""
+"""Batch scoring against the real stack: the same requests through a real worker on Kafka and over HTTP (the
+Open Inference Protocol), ``score --engine local`` and ``score --engine spark`` on local Spark give the same
+scores, decisions, degraded marks and feature timestamps; no row is lost; a bad requests file is refused in
+one line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from streamscore.streams.wire import unpack
 from streamscore.workers.batch import BatchInputError, run_local
 from streamscore_examples.fraud.data import generate_transactions
 
-from .conftest import MODEL, Deployment, offline_scores_of
+from .conftest import MODEL, Deployment, http_address, offline_scores_of
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -93,13 +95,41 @@ async def _through_kafka(deployment: Deployment, requests: list[dict[str, Any]])
     return answers
 
 
+def _through_http(deployment: Deployment, requests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The requests as Open Inference Protocol calls (docs/http.md) from a plain HTTP client: one BYTES tensor per
+    join key, one FP32 tensor per request feature, up to 150 rows a call (the first request, which leaves
+    ``is_foreign`` out, alone in its call, without that tensor)."""
+    url = f"http://{http_address(deployment)}/v2/models/{MODEL}/infer"
+    answers: dict[str, dict[str, Any]] = {}
+    for group in (requests[:1], *(requests[start:start + 150] for start in range(1, len(requests), 150))):
+        inputs = [{"name": key, "datatype": "BYTES", "shape": [len(group)],
+                   "data": [request["entities"][key] for request in group]} for key in ("card_id", "merchant_id")]
+        inputs += [{"name": name, "datatype": "FP32", "shape": [len(group)],
+                    "data": [request["features"][name] for request in group]}
+                   for name in ("amount", "hour", "is_foreign") if all(name in r["features"] for r in group)]
+        call = urllib.request.Request(url, data=json.dumps({"id": group[0]["id"], "inputs": inputs}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(call, timeout=30) as response:
+            answer = json.loads(response.read())
+        outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+        parameters = answer["parameters"]
+        degraded, lineage = json.loads(parameters["degraded"]), json.loads(parameters["lineage"])
+        versions = json.loads(parameters["versions"])
+        for row, request in enumerate(group):
+            answers[request["id"]] = {"status": "ok", "version": versions[row], "degraded": degraded[row],
+                                      "lineage": lineage[row],
+                                      "outputs": {name: values[row] for name, values in outputs.items()}}
+    return answers
+
+
 def _by_id(path: Path) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in pq.read_table(path).to_pylist()}
 
 
-def test_kafka_local_and_spark_give_the_same_predictions(deployment: Deployment, tmp_path: Path) -> None:
+def test_kafka_http_local_and_spark_give_the_same_predictions(deployment: Deployment, tmp_path: Path) -> None:
     requests = _requests(deployment, 300)
     kafka = asyncio.run(_through_kafka(deployment, requests))
+    http = _through_http(deployment, requests)
     version = next(iter(kafka.values()))["version"]
     source = tmp_path / "requests.parquet"
     pq.write_table(_table(requests), source)
@@ -119,6 +149,13 @@ def test_kafka_local_and_spark_give_the_same_predictions(deployment: Deployment,
         [r["id"] for r in requests] + ["bad-nan", "bad-card"]  # the local engine keeps the input's order
     ids = [request["id"] for request in requests]
     kafka_scores = np.array([kafka[i]["outputs"]["fraud_probability"] for i in ids])
+    http_scores = np.array([http[i]["outputs"]["fraud_probability"] for i in ids])
+    assert np.abs(http_scores - kafka_scores).max() <= TOLERANCE
+    for request_id in ids:
+        answer, prediction = http[request_id], kafka[request_id]
+        assert (answer["version"], answer["degraded"]) == (prediction["version"], prediction["degraded"])
+        assert answer["outputs"]["decision"] == prediction["outputs"]["decision"]
+        assert answer["lineage"]["feature_ts_ms"] == prediction["lineage"]["feature_ts_ms"]
     for engine, rows in (("local", local), ("spark", spark)):
         scores = np.array([rows[i]["fraud_probability"] for i in ids])
         assert np.abs(scores - kafka_scores).max() <= TOLERANCE, engine
