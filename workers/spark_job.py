@@ -153,7 +153,9 @@ def spark_session(master: str | None, app_name: str = "streamscore-score") -> Sp
     if chosen.startswith("local"):
         # the executors' Python is PYSPARK_PYTHON, else "python3" on the PATH: not this virtualenv's
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        builder = builder.config("spark.ui.enabled", "false")
+        # a local master's driver and executors talk over loopback only, and serve no web UI
+        builder = (builder.config("spark.ui.enabled", "false").config("spark.driver.bindAddress", "127.0.0.1")
+                   .config("spark.driver.host", "127.0.0.1"))
         builder = builder.config("spark.sql.shuffle.partitions", "4")
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
