@@ -774,7 +774,7 @@ def _score_once(settings: Settings, model: str, input_path: str, output_path: st
                                    "install 'streamscore[batch]' (in a checkout: .venv/bin/pip install -e '.[batch]')")
     from streamscore.featurestore.cassandra import FeatureStoreUnavailable
     from streamscore.featurestore.views import ViewsError
-    from streamscore.workers.batch import BatchInputError, run_local
+    from streamscore.workers.batch import BatchInputError, BatchRunError, run_local
     from streamscore.workers.library import ModelError
 
     try:
@@ -783,7 +783,7 @@ def _score_once(settings: Settings, model: str, input_path: str, output_path: st
                                   ("pyspark", "pandas"))
             return spark_job.run_spark(settings, model, input_path, output_path, version, spark_master, to_topic)
         return run_local(settings, model, Path(input_path), Path(output_path), version, to_topic)
-    except (BatchInputError, ModelError, ViewsError, FeatureStoreUnavailable) as exc:
+    except (BatchInputError, BatchRunError, ModelError, ViewsError, FeatureStoreUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from streamscore.streams.wire import HEADER_ELEMENT, HEADER_SOURCE, headers_dict
 
 from .pipeline import BatchPipeline
 from .runtime import ModelRuntime, load_model
-from .stages import OK, ScoringBatch, prediction_batches
+from .stages import OK, RowsBatch, ScoringBatch, prediction_batches
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -63,6 +63,10 @@ ROW = "_row"
 
 class BatchInputError(ValueError):
     """A requests table that cannot be scored; the message (one line) names the file, the column and the fix."""
+
+
+class BatchRunError(RuntimeError):
+    """A run that failed on the way (a Spark job whose tasks kept failing); the message is one line: what failed."""
 
 
 # ------------------------------------------------------------------------------------------- the requests
@@ -188,7 +192,7 @@ class Tabulate:
         self.tables[int(offsets[0]) if len(offsets) else 0] = table
 
 
-def _answered(batch: ScoringBatch, model: str, rows_batch: Any, offsets: np.ndarray) -> dict[str, Any]:
+def _answered(batch: ScoringBatch, model: str, rows_batch: RowsBatch, offsets: np.ndarray) -> dict[str, Any]:
     decoded = batch.decoded
     assert decoded is not None
     rows = np.asarray(rows_batch.rows, dtype=np.intp)
@@ -463,7 +467,7 @@ def run_local(settings: Settings, model_name: str, input_path: Path, output_path
         writer = pq.ParquetWriter(output_path, public(schema.empty_table()).schema)
         try:
             first_row = 0
-            for record_batch in _batches(requests, settings.batch.chunk_rows * 4):
+            for record_batch in requests.iter_batches(batch_size=settings.batch.chunk_rows * 4):
                 scored = await scorer.score(pa.Table.from_batches([record_batch]), first_row, input_path.name)
                 first_row += record_batch.num_rows
                 writer.write_table(public(scored))
@@ -479,10 +483,6 @@ def run_local(settings: Settings, model_name: str, input_path: Path, output_path
     summary.count(counts, degraded)
     summary.finish(started)
     return summary
-
-
-def _batches(requests: pq.ParquetFile, rows: int) -> Iterator[pa.RecordBatch]:
-    yield from requests.iter_batches(batch_size=rows)
 
 
 def host_id() -> str:

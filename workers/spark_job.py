@@ -34,6 +34,7 @@ import atexit
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from streamscore.settings import BatchSettings, Settings
 
 from .batch import (
     BatchInputError,
+    BatchRunError,
     BatchScorer,
     RequestColumns,
     Summary,
@@ -203,7 +205,10 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
 
         scoring = time.monotonic()
         scored = requests.mapInArrow(score, schema=from_arrow_schema(public(schema.empty_table()).schema))
-        scored.write.mode("overwrite").parquet(output_path)
+        try:
+            scored.write.mode("overwrite").parquet(output_path)
+        except Exception as exc:  # Py4J's error holds the JVM's and the executor's whole stack: say what failed
+            raise BatchRunError(f"the Spark job scoring {input_path} failed: {failure_line(exc)}") from exc
         phases["score_and_write_s"] = time.monotonic() - scoring
         _count_written(session, output_path, summary)
         phases["count_s"] = time.monotonic() - scoring - phases["score_and_write_s"]
@@ -214,6 +219,19 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
     summary.details.update({name: round(seconds, 3) for name, seconds in phases.items()})
     summary.finish(started)
     return summary
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Unavailable|Failed)\b:? ?.*$")
+
+
+def failure_line(exc: BaseException) -> str:
+    """The last Python exception line in a Spark failure (the executor's own error), else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if _EXCEPTION_LINE.match(line) and not line.startswith("at ")]
+    python = [line for line in named if not line.startswith(("org.apache", "java.", "py4j", "scala."))]
+    if python or named:
+        return (python or named)[-1][:500]
+    return (lines or [type(exc).__name__])[0][:500]
 
 
 def _read_requests(session: SparkSession, input_path: str) -> DataFrame:

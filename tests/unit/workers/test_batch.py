@@ -137,3 +137,15 @@ def test_the_cronjob_manifest_runs_a_score_command_the_cli_takes() -> None:
     score, *options = json.loads(args.group(1))
     context = cli.main.commands[score].make_context(score, options)
     assert context.params["model"] == "fraud" and "{run}" in context.params["output_path"]
+
+
+def test_a_failed_spark_job_is_told_by_the_executors_own_error() -> None:
+    from streamscore.workers.spark_job import failure_line
+
+    text = ("An error occurred while calling o97.parquet.\n: org.apache.spark.SparkException: Job aborted due to stage "
+            "failure: Task 0 in stage 7.0 failed 1 times\n  File \"/w/batch.py\", line 3, in score\n"
+            "streamscore.featurestore.online.FeatureStoreUnavailable: Cassandra at 10.0.0.9:9042 did not answer\n"
+            "\tat org.apache.spark.api.python.BasePythonRunner.handlePythonException(PythonRunner.scala:1097)\n")
+    assert failure_line(RuntimeError(text)) == ("streamscore.featurestore.online.FeatureStoreUnavailable: Cassandra at "
+                                                "10.0.0.9:9042 did not answer")
+    assert failure_line(RuntimeError("something odd\nmore")) == "something odd"
