@@ -22,7 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiokafka import AIOKafkaConsumer
+from click.testing import CliRunner
 
+from streamscore import cli
+from streamscore.settings import get_settings
 from streamscore.streams import topics
 from streamscore.streams.client import Client
 from streamscore.streams.kafka import client_kwargs
@@ -122,6 +125,27 @@ def _through_http(deployment: Deployment, requests: list[dict[str, Any]]) -> dic
     return answers
 
 
+async def _published(deployment: Deployment, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """The predictions of these request ids on the predictions topic, read from its beginning."""
+    consumer = AIOKafkaConsumer(topics.predictions(deployment.settings.topic_prefix, MODEL),
+                                **client_kwargs(deployment.settings.kafka), auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not ids <= found.keys() and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    prediction = unpack(record.value)
+                    if prediction["id"] in ids:
+                        found[prediction["id"]] = prediction
+    finally:
+        await consumer.stop()
+    assert ids <= found.keys(), f"{len(ids - found.keys())} predictions not on the predictions topic"
+    return found
+
+
 def _by_id(path: Path) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in pq.read_table(path).to_pylist()}
 
@@ -185,15 +209,24 @@ def test_score_command_writes_the_summary_and_refuses_bad_files_in_one_line(depl
     env = {**os.environ, **deployment.env}
     command = [sys.executable, "-m", "streamscore", "score", "--model", MODEL, "--output",
                str(tmp_path / "out.parquet")]
-    done = subprocess.run([*command, "--input", str(good)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*command, "--input", str(good), "--to-topic"], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert (summary["rows"], summary["answered"], summary["lost"]) == (20, 20, 0)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == summary
-    refused = subprocess.run([*command, "--input", str(missing)], env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines() == [
+    published = asyncio.run(_published(deployment, {request["id"] for request in requests}))
+    for row in pq.read_table(tmp_path / "out.parquet").to_pylist():  # --to-topic: the same predictions on Kafka
+        prediction = published[row["id"]]
+        assert prediction["outputs"]["fraud_probability"] == pytest.approx(row["fraud_probability"], abs=TOLERANCE)
+        assert prediction["lineage"]["batch_id"] == row["batch_id"] and row["batch_id"].startswith("batch:")
+    get_settings.cache_clear()  # the command reads the settings once per process: here, the deployment's
+    try:
+        refused = CliRunner().invoke(cli.main, [*command[3:], "--input", str(missing)], env=deployment.env)
+    finally:
+        get_settings.cache_clear()
+    assert refused.exit_code == 1
+    assert refused.output.strip().splitlines() == [
         f"Error: {missing}: column 'amount' is missing (the model's requests have columns: id, card_id, "
         "merchant_id, amount, hour (optional), is_foreign (optional); optional: deadline_ms, version)"]
     with pytest.raises(BatchInputError, match=r"column 'hour' is string, not a number") as raised:
