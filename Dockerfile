@@ -39,8 +39,9 @@ COPY workers/ workers/
 COPY deploy/local/streamscore_stack/ deploy/local/streamscore_stack/
 COPY examples/ examples/
 COPY bench/ bench/
-# The project and its dependencies as pyproject.toml declares them; the fast path is compiled here
-RUN /opt/streamscore/bin/pip install --no-cache-dir . \
+# The project and its dependencies as pyproject.toml declares them, with [batch] for `streamscore score` (the
+# chart's batch-scoring CronJob); the fast path is compiled here
+RUN /opt/streamscore/bin/pip install --no-cache-dir ".[batch]" \
     && /opt/streamscore/bin/python -c "import streamscore.fastpath._fast"
 
 FROM python AS runtime

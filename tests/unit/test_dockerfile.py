@@ -48,7 +48,7 @@ def test_the_build_stage_copies_every_package_folder_pyproject_maps_and_installs
     assert folders <= copied, f"not copied into the image: {sorted(folders - copied)}"
     assert {"pyproject.toml", "setup.py", PYPROJECT["project"]["readme"]} <= copied
     runs = " && ".join(rest for keyword, rest in build if keyword == "RUN")
-    assert "/opt/streamscore/bin/pip install --no-cache-dir ." in runs  # the dependencies are pyproject's own
+    assert '/opt/streamscore/bin/pip install --no-cache-dir ".[batch]"' in runs  # the dependencies are pyproject's own
     extension = re.search(r'Extension\(\s*"([\w.]+)"', (ROOT / "setup.py").read_text())
     assert extension is not None and f"import {extension.group(1)}" in runs  # the compiled fast path, or no image
 
