@@ -375,8 +375,9 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
         pipeline.add_from_manifest(metrics.registry)
         attach_prediction_log(pipeline, settings, metrics.registry)
         if settings.monitoring.drift and "drift" not in pipeline.stage_names:
+            # after shadow (itself after infer), so that shadow versions' outputs are watched too
             pipeline.add(Drift(topics.monitoring(prefix, name), settings.monitoring, metrics.registry, name,
-                               pipeline.worker_id), after="infer")
+                               pipeline.worker_id), after="shadow" if "shadow" in pipeline.stage_names else "infer")
         if customize is not None:
             customize(pipeline, metrics)
         log.info("%s v%s pipeline: %s", name, runtime.version, " -> ".join(pipeline.stage_names))

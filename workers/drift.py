@@ -1,12 +1,14 @@
 """Drift of live traffic against the training profile, per batch and vectorized: the ``drift`` pipeline stage.
 
-Placed after ``infer`` in every model's pipeline (``STREAMSCORE_MONITORING__DRIFT=false`` leaves it out). For
-each version that scored rows of the batch and whose manifest has a training profile (``workers/profile.py``),
-it counts every profiled input column and output into the profile's bins (``profile.bin_counts``: one numpy
-comparison of the whole batch with every edge of every column, and one count; no per-request Python), adds the
-column sums, the defaulted values (view columns whose entity had no row or could not be read), the rows with a
-defaulted entity and the rows that read a stale feature row (event time older than the view's ``ttl_s``). A
-version without a profile is not monitored; the worker logs that once, with the reason.
+Placed after ``shadow`` (which runs after ``infer``) in every model's pipeline
+(``STREAMSCORE_MONITORING__DRIFT=false`` leaves it out). For each version that scored rows of the batch (a shadow
+version too, with the outputs the ``shadow`` stage left in ``batch.context["shadow_outputs"]``) and whose manifest
+has a training profile (``workers/profile.py``), it counts every profiled input column and output into the
+profile's bins (``profile.bin_counts``: one numpy comparison of the whole batch with every edge of every column,
+and one count; no per-request Python), adds the column sums, the defaulted values (view columns whose entity had
+no row or could not be read), the rows with a defaulted entity and the rows that read a stale feature row (event
+time older than the view's ``ttl_s``). A version without a profile is not monitored; the worker logs that once,
+with the reason.
 
 Every window (``STREAMSCORE_MONITORING__WINDOW_REQUESTS`` scored requests of one version, or
 ``__WINDOW_S`` seconds, whichever closes it first; checked at each batch) the stage compares each column with
@@ -166,9 +168,10 @@ class _Window:
 class _Tracker:
     """One version's running window."""
 
-    def __init__(self, runtime: ModelRuntime, profile: TrainingProfile) -> None:
+    def __init__(self, runtime: ModelRuntime, profile: TrainingProfile, shadow: bool = False) -> None:
         self.runtime = runtime
         self.profile = profile
+        self.shadow = shadow
         self.columns = _Columns.of(profile, runtime)
         self.view_columns = [self.columns.of_view(index) for index in range(len(runtime.views))]
         self.window = self._new_window(now_ms())
@@ -176,8 +179,10 @@ class _Tracker:
     def _new_window(self, start_ms: int) -> _Window:
         return _Window(start_ms, len(self.columns.names), self.columns.bins)
 
-    def add(self, batch: ScoringBatch, positions: np.ndarray) -> None:
-        """Count the scored rows at ``positions`` (of ``batch.scored_rows``) into the window."""
+    def add(self, batch: ScoringBatch, positions: np.ndarray,
+            scored: Mapping[str, np.ndarray] | None = None) -> None:
+        """Count the scored rows at ``positions`` (of ``batch.scored_rows``) into the window; the outputs are the
+        batch's (one row per decoded row), or ``scored`` (a shadow's: one row per scored row)."""
         columns, window = self.columns, self.window
         assert batch.inputs is not None
         every_row = len(positions) == len(batch.scored_rows)
@@ -188,11 +193,11 @@ class _Tracker:
         block[:inputs_profiled] = inputs[:, columns.input_positions].T
         present = np.ones(len(columns.names), dtype=bool)
         for j, name in enumerate(columns.outputs, start=inputs_profiled):
-            output = batch.outputs.get(name)
+            output = batch.outputs.get(name) if scored is None else scored.get(name)
             if output is None or output.ndim != 1:
                 present[j], block[j] = False, 0.0
             else:
-                block[j] = output[rows]
+                block[j] = output[rows] if scored is None else output[positions]
         counts = bin_counts(block, columns.padded_edges)
         window.counts[present] += counts[present]
         window.sums[present] += block.sum(axis=1)[present]
@@ -244,7 +249,7 @@ class _Tracker:
             }
         inputs = len(columns.input_positions)
         return {
-            "model": self.runtime.name, "version": self.runtime.version, "worker_id": worker_id,
+            "model": self.runtime.name, "version": self.runtime.version, "shadow": self.shadow, "worker_id": worker_id,
             "window_start_ms": window.start_ms, "window_end_ms": now, "requests": window.requests,
             "columns": {name: reports[name] for name in columns.names[:inputs]},
             "outputs": {name: reports[name] for name in columns.names[inputs:]},
@@ -276,11 +281,11 @@ class Drift:
         self.topic, self.settings = topic, settings
         self.gauges: DriftGauges | None = drift_gauges(registry) if registry is not None else None
         self.worker_id = worker_id
-        self.trackers: dict[tuple[str, str], _Tracker | None] = {}
-        """By (version, artifact sha256): its tracker, None for a version without a profile."""
+        self.trackers: dict[tuple[str, str, bool], _Tracker | None] = {}
+        """By (version, artifact sha256, scored in shadow): its tracker, None for a version without a profile."""
 
-    def _tracker(self, runtime: ModelRuntime) -> _Tracker | None:
-        key = (runtime.version, runtime.manifest.sha256)
+    def _tracker(self, runtime: ModelRuntime, shadow: bool = False) -> _Tracker | None:
+        key = (runtime.version, runtime.manifest.sha256, shadow)
         if key not in self.trackers:
             profile = runtime.manifest.profile
             if profile is None:
@@ -289,7 +294,7 @@ class Drift:
                             runtime.name, runtime.version)
                 self.trackers[key] = None
             else:
-                self.trackers[key] = _Tracker(runtime, profile)
+                self.trackers[key] = _Tracker(runtime, profile, shadow)
         return self.trackers[key]
 
     async def __call__(self, batch: ScoringBatch) -> None:
@@ -305,6 +310,11 @@ class Drift:
                 tracker = self._tracker(runtime)
                 if tracker is not None and len(positions):
                     tracker.add(batch, positions)
+            answered = np.flatnonzero(scored)
+            for runtime, outputs in batch.context.get("shadow_outputs", ()):  # when placed after ``shadow``
+                tracker = self._tracker(runtime, shadow=True)
+                if tracker is not None and len(answered):
+                    tracker.add(batch, answered, outputs)
         now = now_ms()
         for tracker in self.trackers.values():
             if tracker is not None and tracker.due(now, self.settings):

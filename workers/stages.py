@@ -330,6 +330,8 @@ class Shadow:
                 log.exception("shadow v%s failed on %d requests", runtime.version, len(rows))
                 continue
             micros = (time.perf_counter_ns() - started) / 1000 / max(1, len(rows))
+            # for the stages after this one (drift): the shadow's outputs, one row per scored row
+            batch.context.setdefault("shadow_outputs", []).append((runtime, scored))
             records = _shadow_records(batch, runtime, scored, rows, answered, route, answering, micros, batch_id)
             batch.context.setdefault("extra", []).extend((self.topic, key, value, None) for key, value in records)
             if self.metrics is not None:

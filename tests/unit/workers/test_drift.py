@@ -23,6 +23,7 @@ from streamscore.workers.drift import Drift, drift_statistics, p_value, psi
 from streamscore.workers.pipeline import BatchPipeline
 from streamscore.workers.profile import bin_index, build_profile, column_profile
 from streamscore.workers.runtime import load_model
+from streamscore.workers.stages import Serving
 from tests.contract.artifacts import expected, register_onnx
 
 VIEWS = parse_views({"views": [
@@ -85,15 +86,20 @@ def _profile() -> dict[str, Any]:
 
 
 class Fixture:
-    def __init__(self, tmp_path: Any, profile: bool = True, **monitoring: Any) -> None:
+    def __init__(self, tmp_path: Any, profile: bool = True, shadow: bool = False, **monitoring: Any) -> None:
         register_onnx(tmp_path, "1", **({"profile": _profile()} if profile else {}))
         self.runtime = load_model(tmp_path, "tiny", VIEWS, WorkerSettings(), "1")
         self.store = FeatureStore(Settings(online_store="memory", cache="none"), VIEWS)
         self.store.connect()
         self.registry = CollectorRegistry()
         self.pipeline = BatchPipeline(self.runtime, self.store, "p", worker_id="w")
+        if shadow:  # v2, the same model, scores every request in the dark
+            register_onnx(tmp_path, "2", profile=_profile())
+            self.pipeline.serving = Serving(self.runtime, shadows=(load_model(tmp_path, "tiny", VIEWS,
+                                                                              WorkerSettings(), "2"),))
         settings = MonitoringSettings(**{"window_requests": 400, **monitoring})
-        self.pipeline.add(Drift("p.tiny.monitoring", settings, self.registry, "tiny", "w"), after="infer")
+        self.pipeline.add(Drift("p.tiny.monitoring", settings, self.registry, "tiny", "w"),
+                          after="shadow" if shadow else "infer")
         self.rng = np.random.default_rng(1)
         self.sequence = 0
 
@@ -144,6 +150,18 @@ def test_the_window_closes_by_count_and_flags_the_shifted_column(tmp_path):
     assert gauge("streamscore_drift_flagged", {"model": "tiny", "version": "1", "column": "amount"}) == 1.0
     assert gauge("streamscore_drift_pvalue", {"model": "tiny", "version": "1", "column": "hour"}) > 0.01
     assert gauge("streamscore_drift_windows_total", {"model": "tiny", "version": "1"}) == 2.0
+
+
+def test_a_shadow_version_gets_windows_of_its_own(tmp_path):
+    tiny = Fixture(tmp_path, shadow=True)
+    asyncio.run(tiny.fill())
+    reports = tiny.run(tiny.batch(500, shift=3.0))
+    by_version = {(report["version"], report["shadow"]): report for report in reports}
+    assert set(by_version) == {("1", False), ("2", True)}
+    production, shadow = by_version["1", False], by_version["2", True]
+    assert shadow["requests"] == production["requests"] == 500
+    assert shadow["outputs"]["p"]["counts"] == production["outputs"]["p"]["counts"]  # the same model
+    assert "amount" in shadow["drifted_columns"]
 
 
 def test_defaulted_and_stale_shares(tmp_path):
