@@ -332,7 +332,8 @@ class MonitoringSettings(_Strict):
     window_requests: int = Field(default=10_000, ge=1)
     """A drift window closes at the first batch that brings it to this many scored requests (per version)."""
     window_s: float = Field(default=60.0, gt=0)
-    """...or at the first batch this many seconds after it opened, whichever comes first."""
+    """A drift window also closes at the first batch this many seconds after it opened (whichever of the two
+    comes first)."""
     psi_threshold: float = Field(default=0.2, gt=0)
     """A column is flagged drifted when its PSI against the training profile reaches this (0.1: a moderate
     shift, 0.2: a significant one, by the usual rule of thumb) and its p-value is at most ``p_value_threshold``."""
