@@ -327,7 +327,8 @@ class Drift:
         if self.gauges is not None:
             self.gauges.observe(report)
         if report["drifted_columns"]:
-            log.warning("%s v%s: drift in %s over %d requests (PSI %s)", report["model"], report["version"],
+            log.warning("%s v%s%s: drift in %s over %d requests (PSI %s)", report["model"], report["version"],
+                        " (shadow)" if report["shadow"] else "",
                         ", ".join(report["drifted_columns"]), report["requests"],
                         ", ".join(f"{(report['columns'] | report['outputs'])[name]['psi']:.2f}"
                                   for name in report["drifted_columns"]))
