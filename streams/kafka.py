@@ -18,10 +18,18 @@ def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
     return context
 
 
-def connection_problem(settings: KafkaSettings, error: BaseException) -> str:
-    """One line on why no connection to Kafka was made: nothing listening at the bootstrap address, or a
-    listener that closed the connection (most often one that expects another security protocol)."""
+def connection_problem(settings: KafkaSettings, error: BaseException, detail: str | None = None) -> str:
+    """One line on why no connection to Kafka was made: nothing listening at the bootstrap address, credentials
+    refused (``detail``: what the client logged), or a listener that closed the connection (most often one that
+    expects another security protocol)."""
     said = " ".join(str(error).split()) or type(error).__name__
+    if detail is not None and "SaslAuthenticationFailed" in detail:
+        reason = " ".join(detail.split(": ", 1)[-1].split())
+        return (f"Kafka at {settings.bootstrap} refused the SASL credentials of user {settings.sasl_username!r} "
+                f"({reason}): check STREAMSCORE_KAFKA__SASL_USERNAME, STREAMSCORE_KAFKA__SASL_PASSWORD (or "
+                f"__SASL_PASSWORD_FILE) and __SASL_MECHANISM ({settings.sasl_mechanism})")
+    if detail is not None:
+        said = f"{said}; {' '.join(detail.split())}"
     hosts = [host.strip() for host in settings.bootstrap.split(",") if host.strip()]
     if not any(_accepts(host) for host in hosts):
         return (f"nothing answers at {settings.bootstrap} ({said}): is Kafka running, and is "

@@ -49,15 +49,26 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
 
 @contextlib.contextmanager
 def _kafka_errors(settings: Settings) -> Iterator[None]:
-    """A Kafka that cannot be reached, or that closes the connection, ends the command with one line."""
+    """A Kafka that cannot be reached, refuses the credentials or closes the connection ends the command with one
+    line. The client's own error lines say why (the exception only says it could not bootstrap): they are held
+    back while the command runs and their last one goes into that line."""
     from aiokafka.errors import KafkaConnectionError
 
     from streamscore.streams.kafka import connection_problem
 
+    said: list[str] = []
+    recorder = logging.Handler(logging.ERROR)
+    recorder.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    client_log = logging.getLogger("aiokafka")
+    client_log.addHandler(recorder)
+    propagate, client_log.propagate = client_log.propagate, False
     try:
         yield
     except KafkaConnectionError as exc:
-        raise click.ClickException(connection_problem(settings.kafka, exc)) from None
+        raise click.ClickException(connection_problem(settings.kafka, exc, said[-1] if said else None)) from None
+    finally:
+        client_log.removeHandler(recorder)
+        client_log.propagate = propagate
 
 
 # --- the parts outside the core -------------------------------------------------------------------------------

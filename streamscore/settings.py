@@ -200,6 +200,8 @@ class StackSettings(_Strict):
     """Kafka broker port on 127.0.0.1."""
     kafka_controller_port: int = 9093
     """KRaft controller port on 127.0.0.1."""
+    kafka_sasl_port: int = 9094
+    """The secured profile's SASL_PLAINTEXT (SCRAM-SHA-512) listener on 127.0.0.1."""
     cassandra_port: int = 9042
     """Cassandra CQL port on 127.0.0.1."""
     cassandra_storage_port: int = 7000
@@ -216,7 +218,8 @@ class StackSettings(_Strict):
     """The servers the stack runs (JSON list): a stack of its own for one server, on ports of its own."""
     secured: bool = False
     """The secured profile: Cassandra with PasswordAuthenticator and CassandraAuthorizer (superuser
-    ``cassandra``/``cassandra``, as Cassandra makes it), for least-privilege and bad-credential tests."""
+    ``cassandra``/``cassandra``, as Cassandra makes it), and Kafka with a SCRAM-SHA-512 listener on
+    ``kafka_sasl_port`` (user ``streamscore``), for least-privilege and bad-credential tests."""
 
 
 class WorkerSettings(_Strict):

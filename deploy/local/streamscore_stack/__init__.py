@@ -4,6 +4,16 @@ Checkout tooling, not part of the worker: it lives in ``deploy/local/`` beside t
 templates it runs from (see ``stack.py``).
 """
 
-from .stack import CHECKOUT, DEPLOY_DIR, HOST, SECURED_CASSANDRA_SUPERUSER, ServerStatus, Stack, StackError
+from .stack import (
+    CHECKOUT,
+    DEPLOY_DIR,
+    HOST,
+    SECURED_CASSANDRA_SUPERUSER,
+    SECURED_KAFKA_USER,
+    ServerStatus,
+    Stack,
+    StackError,
+)
 
-__all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "SECURED_CASSANDRA_SUPERUSER", "ServerStatus", "Stack", "StackError"]
+__all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "SECURED_CASSANDRA_SUPERUSER", "SECURED_KAFKA_USER",
+           "ServerStatus", "Stack", "StackError"]

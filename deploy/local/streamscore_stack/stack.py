@@ -48,6 +48,8 @@ CHECKOUT = DEPLOY_DIR.parents[1]
 """The checkout this package runs from; the default stack dir and jar cache are at its root."""
 KAFKA_MAX_HEAP_MB = 1024
 CASSANDRA_MAX_HEAP_MB = 1536
+SECURED_KAFKA_USER = ("streamscore", "streamscore-scram-secret")
+"""The SCRAM-SHA-512 user of the secured profile's SASL_PLAINTEXT listener (``kafka_sasl_port``)."""
 SECURED_CASSANDRA_SUPERUSER = ("cassandra", "cassandra")
 """The superuser a PasswordAuthenticator Cassandra makes at its first start (the secured profile's admin)."""
 STOP_GRACE_S = 60.0
@@ -394,7 +396,8 @@ class _Kafka(_Server):
 
     @property
     def ports(self) -> list[int]:
-        return [self.port, self.context.settings.kafka_controller_port]
+        settings = self.context.settings
+        return [self.port, settings.kafka_controller_port, *([settings.kafka_sasl_port] if settings.secured else [])]
 
     @property
     def heap_mb(self) -> int:
@@ -410,6 +413,8 @@ class _Kafka(_Server):
                 "kafka_port": settings.kafka_port,
                 "kafka_controller_port": settings.kafka_controller_port,
                 "kafka_data_dir": self.data_dir,
+                "kafka_sasl_listener": f",SASL_PLAINTEXT://127.0.0.1:{settings.kafka_sasl_port}" if settings.secured
+                else "",
             },
         )
         self.copy_conf(DEPLOY_DIR / "kafka" / "log4j2.xml")
@@ -427,6 +432,9 @@ class _Kafka(_Server):
             *self.java_prefix(),
             "kafka.tools.StorageTool", "format", "--ignore-formatted",
             "--cluster-id", cluster_id, "--config", str(self.conf_dir / "server.properties"),
+            # the secured profile's SCRAM user, stored in the cluster metadata from the start
+            *(["--add-scram", "SCRAM-SHA-512=[name={},password={}]".format(*SECURED_KAFKA_USER)]
+              if self.context.settings.secured else []),
         ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
