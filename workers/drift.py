@@ -79,8 +79,11 @@ def drift_statistics(expected_shares: np.ndarray, observed_counts: np.ndarray,
     observed = _floored(counts / totals[:, None], valid)
     psi_values[seen] = (rel_entr(observed, expected) + rel_entr(expected, observed)).sum(axis=1)
     padding = ~valid
-    p_values[seen] = chisquare(np.where(padding, 1.0, counts), np.where(padding, 1.0, expected * totals[:, None]),
-                               ddof=padding.sum(axis=1), axis=1).pvalue
+    tested = valid.sum(axis=1) >= 2  # one bin has no degree of freedom: nothing to test
+    if tested.any():
+        p_values[np.flatnonzero(seen)[tested]] = chisquare(
+            np.where(padding, 1.0, counts)[tested], np.where(padding, 1.0, expected * totals[:, None])[tested],
+            ddof=padding.sum(axis=1)[tested], axis=1).pvalue
     return psi_values, p_values
 
 

@@ -3,7 +3,7 @@ training data, kept in the version's manifest (``Manifest.profile``) as the base
 (``workers/drift.py``) compares live traffic with.
 
 Per column: quantile bin edges (deciles by default; a column with at most ``bins`` distinct values gets one bin
-per value, so a 0/1 flag keeps its two bins), the training share of each bin, the mean, the standard deviation,
+per value, so a 0/1 flag keeps its two bins; a constant gets three: below it, it, above it), the training share of each bin, the mean, the standard deviation,
 the range and the share of defaulted values. Beside them: the sha256 of the training data, the training
 parameters and the code version, so a version can be traced back to what made it.
 
@@ -95,6 +95,8 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 def _edges(values: np.ndarray, bins: int) -> np.ndarray:
     distinct = np.unique(values)
+    if len(distinct) == 1:  # a constant: below it, it, above it (so that any other value shows)
+        return np.array([distinct[0], np.nextafter(distinct[0], np.inf)])
     if len(distinct) <= bins:  # a flag, a category, a small count: one bin per value
         return distinct[1:]
     quantiles = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1])

@@ -69,6 +69,10 @@ def test_an_empty_bin_on_either_side_keeps_the_statistics_finite():
     assert psi(shares, np.array([0, 0, 0])) == 0.0 and p_value(shares, np.array([0, 0, 0])) == 1.0
     assert psi(np.array([1.0, 0.0]), np.array([50, 0])) < 1e-6  # as in training: every value in one bin
     assert p_value(np.array([1.0, 0.0]), np.array([50, 0])) > 0.5
+    assert p_value(np.array([1.0]), np.array([50])) == 1.0  # one bin: nothing to test
+    constant = column_profile(np.full(100, 3.0))  # a constant in training: any other value shows
+    assert constant.shares == (0.0, 1.0, 0.0)
+    assert p_value(np.asarray(constant.shares), _binned(np.array([3.0] * 90 + [4.0] * 10), constant.edges)) < 1e-6
 
 
 # --- the stage in a pipeline ---------------------------------------------------------------------------------
