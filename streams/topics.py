@@ -25,6 +25,11 @@ def shadow(prefix: str, model: str) -> str:
     return f"{prefix}.{model}.shadow"
 
 
+def labels(prefix: str, model: str) -> str:
+    """Ground truth in: one label per request id (msgpack ``{id, label, event_ms}``), read by the monitor."""
+    return f"{prefix}.{model}.labels"
+
+
 def monitoring(prefix: str, model: str) -> str:
     """Drift window reports of the model's served versions, one record per worker, version and window."""
     return f"{prefix}.{model}.monitoring"

@@ -640,6 +640,55 @@ def replay(request_id: str, model: str | None) -> None:
     click.echo(f"same outputs (within {predlog.REPLAY_TOLERANCE:g})")
 
 
+@main.command()
+@click.option("--model", required=True, help="The model to retrain (its production version is the base).")
+@click.option("--with-training-data", is_flag=True, help="Add the base version's original training data.")
+@click.option("--every", default=None, metavar="DURATION",
+              help="Retrain on a schedule (90s, 15m, 6h, 1d) until stopped; a round that fails says why and the "
+                   "next one runs.")
+@click.option("--deploy", type=click.Choice(["shadow", "none"]), default="shadow", show_default=True,
+              help="Put the new version in shadow, or only register it.")
+def retrain(model: str, with_training_data: bool, every: str | None, deploy: str) -> None:
+    """Train a new version on the prediction log joined with the labels, register it with its profile and
+    training data sha256, and put it in shadow."""
+    import time
+
+    from aiokafka.errors import KafkaError
+
+    from streamscore.featurestore.online import FeatureStoreUnavailable
+    from streamscore.workers import retrain as retraining
+    from streamscore.workers.deployments import DeploymentError
+    from streamscore.workers.library import ModelError
+
+    settings = _settings()
+    _setup_logging("WARNING")
+    try:
+        interval = retraining.parse_every(every) if every is not None else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+    def one_round() -> None:
+        try:
+            version = retraining.retrain(settings, model, with_training_data=with_training_data,
+                                         deploy=None if deploy == "none" else deploy, progress=click.echo)
+        except (retraining.RetrainError, FeatureStoreUnavailable, DeploymentError, ModelError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except (KafkaError, OSError) as exc:
+            raise click.ClickException(f"Kafka at {settings.kafka.bootstrap} did not answer ({exc!r})") from exc
+        click.echo(f"{model} v{version} registered" + (" and in shadow" if deploy == "shadow" else ""))
+
+    if interval is None:
+        one_round()
+        return
+    while True:
+        try:
+            one_round()
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"next retraining in {every}", err=True)
+        time.sleep(interval)
+
+
 # --- features -------------------------------------------------------------------------------------------------
 
 @main.group()

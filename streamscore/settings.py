@@ -299,8 +299,12 @@ class RetrainSettings(_Strict):
     min_rows: int = Field(default=200, ge=1)
     """Fewest labelled rows of the prediction log ``streamscore retrain`` trains on (without the original
     training data)."""
-    recipes: dict[str, str] = {"fraud": "streamscore_examples.fraud.model:retrain_recipe"}
-    """Model name -> ``module:callable`` of its training recipe (JSON map), see ``workers/retrain.py``."""
+    recipes: dict[str, str] = {"fraud": "streamscore_examples.fraud.retrain:train"}
+    """Model name -> ``module:callable`` of its training recipe (JSON map): ``(inputs, labels, base manifest,
+    artifact path) -> training parameters``, see ``workers/retrain.py``."""
+    training_data: dict[str, str] = {"fraud": "streamscore_examples.fraud.retrain:original_training_set"}
+    """Model name -> ``module:callable`` giving a version's original training data, ``(base manifest) -> (inputs,
+    labels)``, for ``streamscore retrain --with-training-data``."""
     label_wait_s: float = Field(default=10.0, gt=0)
     """Longest wait for the labels topic to deliver up to its end offsets."""
 
