@@ -70,6 +70,8 @@ class TrainingSet:
     labels: np.ndarray
     from_log: int
     original: int
+    defaulted: np.ndarray | None = None
+    """bool (rows x columns): the values that were a view's default, where known."""
 
 
 def _log(progress: Progress | None, message: str) -> None:
@@ -152,18 +154,19 @@ async def read_labels(settings: Settings, model: str) -> Labels:
 # ------------------------------------------------------------------------------------ the log, joined
 
 
-def logged_inputs(settings: Settings, model: str, ids: list[str], names: list[str]) -> tuple[list[str], np.ndarray]:
+def logged_inputs(settings: Settings, model: str, ids: list[str],
+                  names: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The logged input vectors of those ids (model ``model``) whose columns are ``names``: (ids found, float32
-    matrix)."""
+    matrix, bool matrix of the values that were a view's default)."""
     from cassandra import InvalidRequest
     from cassandra.concurrent import execute_concurrent_with_args
 
     if not ids:
-        return [], np.zeros((0, len(names)), dtype=np.float32)
+        return [], np.zeros((0, len(names)), dtype=np.float32), np.zeros((0, len(names)), dtype=bool)
     cluster, session = connect(settings.cassandra)
     try:
         try:
-            select = session.prepare(f"SELECT id, input_names, input_values FROM {table_of(settings)} "
+            select = session.prepare(f"SELECT id, input_names, input_values, input_sources FROM {table_of(settings)} "
                                      "WHERE id IN ? AND model = ?")
         except InvalidRequest as exc:
             raise RetrainError(f"no prediction log to train on ({table_of(settings)}: {exc}); workers write it "
@@ -172,13 +175,16 @@ def logged_inputs(settings: Settings, model: str, ids: list[str], names: list[st
         results = execute_concurrent_with_args(session, select, chunks, concurrency=16, raise_on_first_error=True)
     finally:
         cluster.shutdown()
-    found, rows = [], []
+    found, rows, defaulted = [], [], []
     for _, result in results:
-        for request_id, row_names, values in result:
+        for request_id, row_names, values, sources in result:
             if list(row_names or []) == names and len(values or []) == len(names):
                 found.append(request_id)
                 rows.append(values)
-    return found, np.asarray(rows, dtype=np.float32).reshape(len(rows), len(names))
+                defaulted.append([str(source).startswith("default:") for source in sources or [""] * len(names)])
+    shape = (len(rows), len(names))
+    return (found, np.asarray(rows, dtype=np.float32).reshape(shape),
+            np.asarray(defaulted, dtype=bool).reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------- recipes
@@ -228,7 +234,7 @@ def training_set(settings: Settings, model: str, base: Manifest, with_training_d
     _log(progress, f"read {labels.read} label record(s) from {topics.labels(settings.topic_prefix, model)}: "
                    f"{len(labels.by_id)} request id(s) labelled, {labels.unreadable} unreadable")
     names = column_names(base)
-    ids, inputs = logged_inputs(settings, model, list(labels.by_id), names)
+    ids, inputs, defaulted = logged_inputs(settings, model, list(labels.by_id), names)
     targets = np.asarray([labels.by_id[request_id] for request_id in ids], dtype=np.int64)
     _log(progress, f"{len(ids)} of them in the prediction log {table_of(settings)} with v{base.version}'s "
                    f"{len(names)} input columns")
@@ -255,7 +261,8 @@ def training_set(settings: Settings, model: str, base: Manifest, with_training_d
         _log(progress, f"plus {original} row(s) of v{base.version}'s original training data")
     if len(np.unique(targets)) < 2:
         raise RetrainError(f"every labelled row of {model} has label {int(targets[0])}: training needs both 0 and 1")
-    return TrainingSet(inputs, targets, len(ids), original)
+    # which values were defaults is known for the logged rows only: with the original data, it is not profiled
+    return TrainingSet(inputs, targets, len(ids), original, None if original else defaulted)
 
 
 def retrain(settings: Settings, model: str, *, with_training_data: bool = False, deploy: str | None = "shadow",
@@ -325,7 +332,9 @@ def _profile(settings: Settings, base: Manifest, data: TrainingSet, artifact: Pa
     profile = build_profile({name: data.inputs[:, i] for i, name in enumerate(names)},
                             {name: values for name, values in outputs.items() if values.ndim == 1},
                             data_sha256=digest, params={**params, "rows_from_log": data.from_log,
-                                                        "rows_original": data.original})
+                                                        "rows_original": data.original},
+                            defaulted=None if data.defaulted is None else {
+                                name: data.defaulted[:, i] for i, name in enumerate(names)})
     return digest, profile.model_dump()
 
 

@@ -39,10 +39,13 @@ def _settings(tmp_path: Path, **overrides: object) -> Settings:
 def _log(settings: Settings, inputs: np.ndarray, ids: list[str]) -> None:
     manifest = read_manifest(settings.models_dir / MODEL / "1")
     names = column_names(manifest)
+    sources = [["request" if "." not in name else f"view:{name.split('.')[0]}" for name in names],
+               # every other row: the merchant was unknown, its columns the view's defaults
+               ["default:merchant_stats" if name.startswith("merchant_stats.") else "request" for name in names]]
     writer = LogWriter(settings)
-    writer.offer(MODEL, [(request_id, MODEL, "1", 1, 1, False, {}, names, row.tolist(), ["request"] * len(names),
-                          {}, "{}", {"artifact_sha256": manifest.sha256}) for request_id, row in zip(ids, inputs,
-                                                                                                      strict=True)])
+    writer.offer(MODEL, [(request_id, MODEL, "1", 1, 1, False, {}, names, row.tolist(), sources[index % 2], {},
+                          "{}", {"artifact_sha256": manifest.sha256})
+                         for index, (request_id, row) in enumerate(zip(ids, inputs, strict=True))])
     writer.close(timeout_s=30)
     assert writer.written == len(ids)
 
@@ -82,6 +85,8 @@ def test_retrain_registers_a_version_from_the_log_and_its_labels_and_shadows_it(
     assert profile is not None and profile.rows == LOGGED
     assert profile.data_sha256 == params["training_data_sha256"]
     assert abs(profile.columns["amount"].mean - float(inputs[:, 0].mean())) < 1e-3
+    assert profile.columns["merchant_stats.risk_category"].default_share == 0.5
+    assert profile.columns["card_stats.txn_count_24h"].default_share == 0.0
     state = asyncio.run(read_deployment(settings, MODEL))
     assert state is not None and (state.production, state.shadow) == ("1", ("2",))
     assert any(f"{LOGGED} of them in the prediction log" in line for line in lines)
