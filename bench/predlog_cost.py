@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--share", type=float, default=0.01, help="Share of the requests logged (the default's).")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="predlog-cost-"))
@@ -97,7 +98,7 @@ def main() -> None:
     for pipeline in (plain, logged):
         pipeline.add_from_manifest(None)
     writer = CountingWriter(settings)
-    logged.add(PredictionLog(share=0.01, writer=writer))
+    logged.add(PredictionLog(share=args.share, writer=writer))
     batches = _batches(args.rounds + 5, args.batch)
     times: dict[str, list[float]] = {"without": [], "with": []}
     stage_us: list[int] = []
@@ -116,7 +117,7 @@ def main() -> None:
 
     asyncio.run(run())
     without, with_log = np.asarray(times["without"]), np.asarray(times["with"])
-    result = {"batch": args.batch, "rounds": args.rounds, "share": 0.01, "debug_per_batch": 1,
+    result = {"batch": args.batch, "rounds": args.rounds, "share": args.share, "debug_per_batch": 1,
               "median_us_without": float(np.median(without)), "median_us_with": float(np.median(with_log)),
               "median_stage_us": float(np.median(stage_us)),
               "median_stage_share_of_batch": float(np.median(stage_share)),
@@ -130,7 +131,7 @@ def main() -> None:
         f"# The prediction log on the hot path (batches of {args.batch}, {args.rounds} rounds, one run)\n\n"
         "| pipeline | median per batch (µs) |\n|---|---:|\n"
         f"| without the stage | {result['median_us_without']:,.0f} |\n"
-        f"| with `prediction_log` (share 0.01, one debug request) | {result['median_us_with']:,.0f} |\n"
+        f"| with `prediction_log` (share {args.share:g}, one debug request) | {result['median_us_with']:,.0f} |\n"
         f"| of which the stage | {result['median_stage_us']:,.0f} |\n\n"
         f"the stage's share of its batch's time (median of per-batch shares): "
         f"{100 * result['median_stage_share_of_batch']:.1f}%; throughput ratio of the medians (with / without, "

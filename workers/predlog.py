@@ -319,43 +319,52 @@ class PredictionLog:
 
 
 def log_rows(batch: ScoringBatch, positions: np.ndarray, debug: np.ndarray) -> list[tuple]:
-    """One row of the table (``COLUMNS`` order) per position of ``scored_rows`` (plain Python: few rows)."""
+    """One row of the table (``COLUMNS`` order) per position of ``scored_rows``: each field taken out of its
+    array for all the rows at once, then zipped into rows."""
     decoded = batch.decoded
     assert decoded is not None and batch.inputs is not None
     lineage = {key: str(value) for key, value in batch.context.get("lineage", {}).items()}
-    logged_ms = now_ms()
+    rows = batch.scored_rows[positions]
+    row_list = rows.tolist()
+    count = len(row_list)
     models = batch.routed or [batch.model]
+    route = batch.route[rows].tolist() if batch.route is not None else [0] * count
     names = column_names(batch.model.manifest)
-    rows = []
-    for position in positions.tolist():
-        row = int(batch.scored_rows[position])
-        runtime = models[int(batch.route[row])] if batch.route is not None else batch.model
-        sources, stamps = _sources(batch, position)
-        entities = {key: column[row] for key, column in zip(runtime.decode_spec.entity_keys, decoded.entities,
-                                                             strict=True)}
-        outputs = {name: _plain(values[row]) for name, values in batch.outputs.items()}
-        rows.append((decoded.ids[row], runtime.name, runtime.version, logged_ms, batch.received_ms,
-                     bool(debug[row]), entities, names, batch.inputs[position].tolist(), sources, stamps,
-                     json.dumps(outputs), {**lineage, "artifact_sha256": runtime.manifest.sha256}))
-    return rows
+    keys = batch.model.decode_spec.entity_keys
+    entity_columns = [[column[row] for row in row_list] for column in decoded.entities]
+    output_columns = {name: values[rows].tolist() for name, values in batch.outputs.items()}
+    views = [fetched.view.name for fetched in batch.fetched]
+    stamp_columns = [fetched.event_ts_ms[positions].tolist() for fetched in batch.fetched]
+    logged_ms, received_ms = now_ms(), batch.received_ms
+    return [
+        (decoded.ids[row], models[version].name, models[version].version, logged_ms, received_ms,
+         bool(debug[row]), dict(zip(keys, entities, strict=True)), names, values, sources,
+         dict(zip(views, stamps, strict=True)), json.dumps(dict(zip(output_columns, outputs, strict=True))),
+         {**lineage, "artifact_sha256": models[version].manifest.sha256})
+        for row, version, values, sources, entities, stamps, outputs in zip(
+            row_list, route, batch.inputs[positions].tolist(), _sources(batch, positions),
+            zip(*entity_columns, strict=True) if keys else [()] * count,
+            zip(*stamp_columns, strict=True) if views else [()] * count,
+            zip(*output_columns.values(), strict=True) if output_columns else [()] * count, strict=True)
+    ]
 
 
-def _sources(batch: ScoringBatch, position: int) -> tuple[list[str], dict[str, int]]:
-    stamps = {fetched.view.name: int(fetched.event_ts_ms[position]) for fetched in batch.fetched}
-    sources = []
+def _sources(batch: ScoringBatch, positions: np.ndarray) -> list[list[str]]:
+    """Per row, each column's source: ``request``, ``view:<view>`` or ``default:<view>`` (entity without a row)."""
+    columns: list[list[str]] = []
     for column in batch.model.columns:
         if column.from_request:
-            sources.append("request")
+            columns.append(["request"] * len(positions))
             continue
         fetched = batch.fetched[column.block]
-        found = int(fetched.block.row_of_request[position]) >= 0
-        sources.append(f"{'view' if found else 'default'}:{fetched.view.name}")
-    return sources, stamps
+        found = fetched.block.row_of_request[positions] >= 0
+        columns.append(np.where(found, f"view:{fetched.view.name}", f"default:{fetched.view.name}").tolist())
+    return [list(sources) for sources in zip(*columns, strict=True)] if columns else [[] for _ in positions]
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        return [_plain(item) for item in value]
+        return value.tolist()
     return value.item() if hasattr(value, "item") else value
 
 
