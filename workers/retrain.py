@@ -309,20 +309,16 @@ def _new_manifest(settings: Settings, base: Manifest, version: str, params: dict
                + (f" and {data.original} of v{base.version}'s training data" if data.original else "")
                + f"; training data sha256 {digest[:12]}…")
     manifest["description"] = {**manifest["description"], "summary": summary}
-    if profile is not None:
-        manifest["profile"] = profile
+    manifest["profile"] = profile
     return manifest
 
 
 def _profile(settings: Settings, base: Manifest, data: TrainingSet, artifact: Path,
-             params: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+             params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The training data's sha256 and the new version's training profile (its inputs, and its outputs on them)."""
+    from .profile import build_profile, data_sha256
     from .runtime import runtime_for
 
-    try:
-        from .profile import build_profile, data_sha256
-    except ImportError:  # PROFILE CALL POINT: a tree without workers/profile.py registers no profile
-        return _data_sha256(data.inputs, data.labels), None
     digest = data_sha256(data.inputs, data.labels)
     unchecked = base.model_copy(update={"sha256": "0" * 64})
     views = _views_of(settings, base)
@@ -336,17 +332,6 @@ def _profile(settings: Settings, base: Manifest, data: TrainingSet, artifact: Pa
                             defaulted=None if data.defaulted is None else {
                                 name: data.defaulted[:, i] for i, name in enumerate(names)})
     return digest, profile.model_dump()
-
-
-def _data_sha256(*arrays: np.ndarray) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for array in arrays:
-        contiguous = np.ascontiguousarray(array)
-        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
-        digest.update(contiguous.tobytes())
-    return digest.hexdigest()
 
 
 def _views_of(settings: Settings, base: Manifest) -> dict[str, Any]:
