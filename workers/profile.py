@@ -4,8 +4,9 @@ training data, kept in the version's manifest (``Manifest.profile``) as the base
 
 Per column: quantile bin edges (deciles by default; a column with at most ``bins`` distinct values gets one bin
 per value, so a 0/1 flag keeps its two bins; a constant gets three: below it, it, above it), the training share
-of each bin, the mean, the standard deviation, the range and the share of defaulted values. Beside them: the sha256 of the training data, the training
-parameters and the code version, so a version can be traced back to what made it.
+of each bin, the mean, the standard deviation, the range and the share of defaulted values. Beside them: the
+sha256 of the training data, the training parameters and the code version, so a version can be traced back to
+what made it.
 
 Bins: with ``edges`` ``e0 < e1 < ... < ek``, bin 0 holds ``x < e0``, bin i holds ``e(i-1) <= x < ei`` and bin
 k+1 holds ``x >= ek`` (``np.searchsorted(edges, x, side="right")``); one function (``bin_counts``) counts
