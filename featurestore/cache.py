@@ -280,6 +280,11 @@ def redis_problem(settings: RedisSettings, prefix: str, error: BaseException) ->
                 "STREAMSCORE_REDIS__PASSWORD")
     if isinstance(error, NoPermissionError):
         return f"{where} refused a read ({said}): the user needs GET, MGET, SET and EVAL on ~{prefix}:fv:*"
+    if settings.tls and any(word in said for word in ("SSL", "certificate", "handshake", "Connection reset",
+                                                      "Connection closed")):
+        return (f"{where} and this client did not agree on TLS ({type(error).__name__}: {said}): check "
+                "STREAMSCORE_REDIS__SSL_CAFILE (the CA that signed Redis's certificate) and __SSL_CERTFILE / "
+                "__SSL_KEYFILE (a client certificate, where Redis asks for one)")
     return f"{where} does not answer ({type(error).__name__}: {said}): check STREAMSCORE_REDIS__HOST, __PORT, __SSL"
 
 
