@@ -258,6 +258,20 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
                   for p in entry["partitions"])
 
 
+async def partition_count(settings: Settings, topic: str) -> int:
+    """Partitions of ``topic``, 0 when it does not exist. Unlike ``partitions_of``, never creates it: a broker with
+    ``auto.create.topics.enable`` creates a topic that a metadata request names, with its default partitions."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            return 0
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sum(len(entry["partitions"]) for entry in described if entry.get("error_code") == 0)
+
+
 async def tail_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
     """A group-less consumer assigned every partition of ``topic`` and positioned at its end, before the
     caller produces anything: nothing produced afterwards can be missed (unlike a 'latest' subscription,

@@ -1,4 +1,4 @@
-"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments|shadow|monitoring``."""
+"""Topic names: ``<prefix>.<model>.requests|predictions|dlq|deployments|shadow|labels|labels.dlq|monitoring|alerts``."""
 
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ def labels(prefix: str, model: str) -> str:
     return f"{prefix}.{model}.labels"
 
 
+def labels_dead_letters(prefix: str, model: str) -> str:
+    """Labels the monitor could not use (unknown id, duplicate, not 0/1, undecodable, late), reason in headers."""
+    return f"{prefix}.{model}.labels.dlq"
+
+
 def monitoring(prefix: str, model: str) -> str:
-    """Drift window reports of the model's served versions, one record per worker, version and window."""
+    """Window reports of the model (``kind``: ``accuracy`` from the monitor, ``drift`` from the workers)."""
     return f"{prefix}.{model}.monitoring"
 
 
@@ -39,6 +44,11 @@ def worker_group(prefix: str) -> str:
     """The consumer group of every worker of a prefix (all its models): stable, so an autoscaler can read its
     lag (the Helm chart's KEDA trigger names it)."""
     return f"{prefix}-workers"
+
+
+def alerts(prefix: str, model: str) -> str:
+    """Alert events (``state``: ``raised`` / ``cleared``), one pair per episode of a rule and version."""
+    return f"{prefix}.{model}.alerts"
 
 
 def replies(prefix: str, client_id: str) -> str:

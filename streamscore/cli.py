@@ -270,6 +270,127 @@ async def _subscribe(settings: Settings, model: str | None, topic: str | None, f
                 return
 
 
+# --- monitor / labels -----------------------------------------------------------------------------------------
+
+MONITOR_NEEDS = ("sklearn",)
+"""Modules of the ``[monitor]`` extra: the accuracy statistics are scikit-learn's."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Model whose predictions and labels to join.")
+@click.option("--retrain-on", "retrain_on", multiple=True, metavar="RULE",
+              help="Retrain the model (streamscore.workers.retrain) when this alert rule is raised (repeatable).")
+def monitor(model: str, retrain_on: tuple[str, ...]) -> None:
+    """Join labels with predictions; publish live accuracy per version and window, and alerts, until stopped."""
+    monitor_module = _optional("streamscore.workers.monitor", "monitor", "monitor", MONITOR_NEEDS)
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    hooks = [_retrain_hook(settings, model, retrain_on, monitor_module)] if retrain_on else []
+    try:
+        monitor_module.run_monitor(settings, model, hooks, loglevel=settings.log_level.lower())
+    except ValueError as exc:  # a bad alert rule, named
+        raise click.ClickException(f"{exc} (STREAMSCORE_MONITORING__ALERT_RULES)") from exc
+
+
+def _retrain_hook(settings: Settings, model: str, rules: tuple[str, ...], monitor_module: Any) -> Any:
+    """An on_alert hook that runs ``streamscore.workers.retrain.retrain(settings, model)`` in a thread when one of
+    ``rules`` is raised (one retraining at a time); refused in one line where that module is missing or a rule is
+    not configured."""
+    import threading
+
+    try:
+        retrain = getattr(importlib.import_module("streamscore.workers.retrain"), "retrain", None)
+    except ModuleNotFoundError as exc:
+        raise click.ClickException("--retrain-on needs streamscore.workers.retrain (`streamscore retrain`), which "
+                                   f"this installation does not have ({exc}): run the monitor without "
+                                   "--retrain-on") from exc
+    if not callable(retrain):
+        raise click.ClickException("--retrain-on: streamscore.workers.retrain has no retrain(settings, model)")
+    from streamscore.workers.alerts import parse_rules
+
+    try:
+        known = {rule.title for rule in parse_rules(settings.monitoring.alert_rules)}
+    except ValueError as exc:
+        raise click.ClickException(f"{exc} (STREAMSCORE_MONITORING__ALERT_RULES)") from exc
+    unknown = [rule for rule in rules if rule not in known]
+    if unknown:
+        raise click.ClickException(f"--retrain-on {unknown[0]!r} is not an alert rule of the settings; rules: "
+                                   f"{sorted(known) or 'none (STREAMSCORE_MONITORING__ALERT_RULES)'}")
+    running = threading.Lock()
+    log = logging.getLogger("streamscore.monitor.retrain")
+
+    def run(event: dict[str, Any]) -> None:
+        try:
+            log.warning("alert %s on v%s: retraining %s", event["rule"], event["version"], model)
+            retrain(settings, model)
+        except Exception:
+            log.exception("retraining %s after alert %s failed", model, event["rule"])
+        finally:
+            running.release()
+
+    def on_alert(event: dict[str, Any]) -> None:
+        if event["state"] != "raised" or event["rule"] not in rules:
+            return
+        if not running.acquire(blocking=False):
+            log.warning("alert %s: a retraining of %s is already running; not starting another", event["rule"], model)
+            return
+        threading.Thread(target=run, args=(event,), name=f"retrain-{model}", daemon=True).start()
+
+    return on_alert
+
+
+@main.command()
+@click.option("--model", required=True, help="Model whose labels topic to produce to.")
+@click.option("--file", "source", type=click.File("r"), default="-", show_default=True,
+              help='JSON lines: {"id": "t-1", "label": 1, "event_ms": 1767225600000} (event_ms: default now).')
+def labels(model: str, source: TextIO) -> None:
+    """Send ground truth: one label per request id, to <prefix>.<model>.labels."""
+    rows = [_label_row(number, row) for number, row in enumerate(_json_lines(source), 1)]
+    sent = _run_deployment(lambda settings: _send_labels(settings, model, rows))
+    click.echo(f"sent {sent} labels to {_settings().topic_prefix}.{model}.labels", err=True)
+
+
+def _label_row(number: int, row: Any) -> dict[str, Any]:
+    """One label line, checked as the monitor checks it (a bad one is refused here, before anything is sent)."""
+    import time
+
+    if not isinstance(row, dict):
+        raise click.ClickException(f'label {number}: need {{"id": ..., "label": 0 or 1}}, got {row!r:.80}')
+    request_id, label, event_ms = row.get("id"), row.get("label"), row.get("event_ms", int(time.time() * 1000))
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
+        raise click.ClickException(f"label {number}: 'id' must be a string of 1..256 characters, "
+                                   f"got {request_id!r:.80}")
+    if isinstance(label, bool):
+        label = int(label)
+    if label not in (0, 1) or not isinstance(label, int):
+        raise click.ClickException(f"label {number}: 'label' must be 0 or 1, got {label!r:.80}")
+    if not isinstance(event_ms, int) or isinstance(event_ms, bool):
+        raise click.ClickException(f"label {number}: 'event_ms' must be an integer (epoch ms), got {event_ms!r:.80}")
+    return {"id": request_id, "label": label, "event_ms": event_ms}
+
+
+async def _send_labels(settings: Settings, model: str, rows: list[dict[str, Any]]) -> int:
+    import msgpack
+    from aiokafka import AIOKafkaProducer
+
+    from streamscore.streams import topics
+    from streamscore.streams.client import ensure_topics, partition_count
+    from streamscore.streams.kafka import client_kwargs
+
+    topic = topics.labels(settings.topic_prefix, model)
+    predictions = await partition_count(settings, topics.predictions(settings.topic_prefix, model))
+    await ensure_topics(settings, [topic], predictions or settings.worker.partitions)
+    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), linger_ms=5)
+    await producer.start()
+    try:
+        sends = [await producer.send(topic, msgpack.packb(row, use_bin_type=True), key=row["id"].encode())
+                 for row in rows]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    return len(rows)
+
+
 # --- models ---------------------------------------------------------------------------------------------------
 
 @main.group()

@@ -331,6 +331,7 @@ class HttpSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     """Longest a request waits for its answer before it is answered 504 (a worker that cannot make progress)."""
 
+
 class MonitoringSettings(_Strict):
     drift: bool = True
     """Run the drift stage (``workers/drift.py``, after ``infer``) in every model's pipeline: live inputs and
@@ -347,6 +348,31 @@ class MonitoringSettings(_Strict):
     p_value_threshold: float = Field(default=0.01, gt=0, le=1)
     """Largest p-value of the chi-square test (the window's binned counts against the training shares) at which a
     column is flagged."""
+    label_horizon_s: float = Field(default=3600.0, gt=0)
+    """How long after its prediction (the prediction's ``sent_ms``) a label is still joined to it; also how long a
+    label waits for its prediction. Past it, a prediction without a label is dropped (counted), a label without a
+    prediction is dead-lettered ``unknown_id`` and a label for an expired prediction ``late_label``. It bounds the
+    monitor's join state: about (predictions per second) x (this) entries."""
+    label_window_s: float = Field(default=300.0, gt=0)
+    """Length of the tumbling windows of the accuracy reports, by prediction time (``sent_ms``). A window is
+    reported once every label it may still receive is in: at its end plus ``label_horizon_s``."""
+    threshold: float | None = None
+    """Decision threshold for precision and recall (score at or above it: positive). None: the model's own, from
+    its manifest's ``threshold_decision`` stage (the lowest threshold of the last label, e.g. ``decline`` at 0.7
+    for the demo's ``fraud``), else 0.5."""
+    score_output: str | None = None
+    """The prediction output holding the score. None: the ``score`` of the manifest's ``threshold_decision`` stage,
+    else the model's first output."""
+    calibration_bins: int = Field(default=5, ge=1, le=100)
+    """Reliability bins of the calibration in each accuracy report (equal width over 0..1)."""
+    alert_rules: list[str | dict[str, str | float | int | None]] = []
+    """Alert rules (JSON list), each a string ``"live_auc < 0.75"``, ``"drift_psi[amount] > 0.2"`` or an object
+    ``{"metric", "op", "threshold", "column", "name", "min_count"}``; added to the rules of the model's manifest
+    (``alert_rules``). See README, "Alerts"."""
+    tick_s: float = Field(default=1.0, gt=0)
+    """How often the monitor expires join state, closes windows and publishes their reports."""
+    web_port: int = 6067
+    """Port of the monitor's web server on 127.0.0.1 (``/metrics``, ``/status``)."""
 
 
 class BatchSettings(_Strict):
@@ -402,7 +428,8 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The worker's on-demand HTTP endpoint, Open Inference Protocol (``STREAMSCORE_HTTP__*``)."""
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    """Drift of the served versions against their training profiles (``STREAMSCORE_MONITORING__*``)."""
+    """Drift of the served versions against their training profiles, the monitor's label join, accuracy windows
+    and alerts (``STREAMSCORE_MONITORING__*``)."""
     batch: BatchSettings = Field(default_factory=BatchSettings)
     """Batch scoring, `streamscore score` (``STREAMSCORE_BATCH__*``)."""
 

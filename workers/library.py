@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from streamscore.fastpath import InputColumn, RequestFeature
 from streamscore.featurestore.views import FeatureView
 
+from .alerts import parse_rules
 from .profile import TrainingProfile
 from .stages import StageSpec
 
@@ -128,6 +129,9 @@ class Manifest(BaseModel):
     """Every input column's and output's distribution on the training data, the data's sha256, the training
     parameters and the code version (``workers/profile.py``); the worker's drift stage compares live traffic with
     it. None (older manifests): no drift monitoring for this version."""
+    alert_rules: tuple[str | dict[str, Any], ...] = ()
+    """Alert rules of this version (``workers/alerts.py``), beside ``STREAMSCORE_MONITORING__ALERT_RULES``: each
+    ``"live_auc < 0.75"`` or ``{"metric", "op", "threshold", "column", "name", "min_count"}``."""
 
     @model_validator(mode="after")
     def _names(self) -> Manifest:
@@ -148,6 +152,7 @@ class Manifest(BaseModel):
             if unknown or unknown_outputs:
                 raise ValueError(f"the profile names columns {unknown} and outputs {unknown_outputs} that the "
                                  f"model does not have (columns: {self.column_names})")
+        parse_rules(self.alert_rules)  # a bad rule is refused with the manifest, naming it
         return self
 
     @property
