@@ -47,7 +47,7 @@ from streamscore_examples.fraud.model import build_and_register
 from . import BenchFailed, loadgen
 from .measure import DrainResult, PredictionTopic, check_alive, summarize, wait_drained, wait_for_leaders, wait_ready
 from .processes import CpuMeter, Process, Processes, free_port, python_module
-from .workload import COLD_EVERY, BenchRows, ColdIds, Workload, cold_count, load_backlog, warm_cache
+from .workload import COLD_EVERY, BenchRows, ColdIds, Workload, cold_count, is_cold, load_backlog, warm_cache
 
 MODEL = "fraud"
 Echo = Callable[[str], None]
@@ -91,6 +91,8 @@ class Plan:
     """A drain shorter than this is run again with a backlog sized for ``target_span_s`` (0: never)."""
     target_span_s: float = 3.0
     max_requests: int = 480_000
+    fixed_rates: tuple[float, ...] = ()
+    """Open-loop runs at these absolute rates (requests/s, one per message), each up to 1.2x c's maximum."""
     """Largest backlog a rerun may use (memory, and the seconds the load takes while a process is frozen)."""
 
 
@@ -99,10 +101,12 @@ def make_plan(smoke: bool, requests: int | None = None, seconds: float | None = 
         count = _round_up(requests or 1_024, 32)
         return Plan(smoke=True, requests=count, faust_requests=max(64, count // 4), seconds=seconds or 3.0,
                     rate_fractions=(0.7,), batch_rate_fractions=(), floor_fractions=(), pool_size=2_000,
-                    n_train=2_000, max_iter=20, drain_timeout_s=120.0, stall_s=20.0, max_latency_rate=1_000.0)
+                    n_train=2_000, max_iter=20, drain_timeout_s=120.0, stall_s=20.0, max_latency_rate=1_000.0,
+                    fixed_rates=(100.0,))
     count = _round_up(requests or 60_000, 32)
     return Plan(smoke=False, requests=count, faust_requests=max(1_000, count // 12), seconds=seconds or 20.0,
-                rate_fractions=(0.5, 0.7, 0.9), batch_rate_fractions=(0.7,), floor_fractions=(0.7,), min_span_s=2.0)
+                rate_fractions=(0.5, 0.7, 0.9), batch_rate_fractions=(0.7,), floor_fractions=(0.7,), min_span_s=2.0,
+                fixed_rates=(100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -202,6 +206,7 @@ class Bench:
         names = [variant.requests_topic, variant.predictions_topic, variant.dlq_topic]
         await ensure_topics(variant.settings, names, partitions=self.plan.partitions)
         await wait_for_leaders(variant.settings, names)
+        await log_append_time(variant.settings, names[:2])
         if variant.features and not variant.cache:
             assert self.workload is not None
             hits, lookups = await warm_cache(variant.settings, self.views, self.workload.hot_entities())
@@ -297,12 +302,17 @@ class Bench:
     # --- latency ------------------------------------------------------------------------------------------------
 
     async def latency(self, processes: Processes, variant: Variant, running: Sequence[Process], fraction: float,
-                      max_eps: float, batch_size: int) -> dict[str, Any]:
-        """One open-loop run at ``fraction`` of ``max_eps``: a subscriber, then the producer for ``seconds``."""
+                      max_eps: float, batch_size: int, absolute: float | None = None) -> dict[str, Any]:
+        """One open-loop run at ``fraction`` of ``max_eps`` (or at ``absolute`` requests/s): a subscriber, then
+        the producer for ``seconds``."""
         assert self.rows is not None
-        rate = max(min(fraction * max_eps, self.plan.max_latency_rate or math.inf), float(batch_size))
+        if absolute is not None:
+            rate, fraction = absolute, absolute / max(max_eps, 1.0)
+            phase = f"rate{round(absolute)}" + (f"b{batch_size}" if batch_size > 1 else "")
+        else:
+            rate = max(min(fraction * max_eps, self.plan.max_latency_rate or math.inf), float(batch_size))
+            phase = f"lat{round(fraction * 100)}" + (f"b{batch_size}" if batch_size > 1 else "")
         requests = max(1, round(rate * self.plan.seconds / batch_size)) * batch_size
-        phase = f"lat{round(fraction * 100)}" + (f"b{batch_size}" if batch_size > 1 else "")
         folder = self.scratch / f"{variant.name}-{phase}"
         if folder.exists():
             raise ValueError(f"latency phase {phase} of {variant.name} was already run")
@@ -322,7 +332,8 @@ class Bench:
                                   cold_base)
         finally:
             processes.stop_named(f"producer-{folder.name}", f"subscriber-{folder.name}")
-        entry = {"variant": variant.name, **_latency_entry(folder, fraction, rate, batch_size), "cpu": meter.result}
+        entry = {"variant": variant.name, "phase": phase, "fixed": absolute is not None,
+                 **_latency_entry(folder, fraction, rate, batch_size), "cpu": meter.result}
         self.results["latency"].append(entry)
         self.echo(f"   {phase}: offered {rate:,.0f}/s, achieved {entry['achieved_eps']:,.0f}/s, "
                   f"{entry['answered']}/{requests} answered; latency p50 {entry['p50']} ms, p95 {entry['p95']} ms, "
@@ -379,6 +390,10 @@ class Bench:
         latency_batch = {f"{fraction:.0%}": await self.latency(processes, ours, running, fraction, ours_batch.eps,
                                                                plan.batch_size)
                          for fraction in plan.batch_rate_fractions}
+        # fixed rates, the load of a user's day (those the maximum allows, with a margin for saturation)
+        fixed = {f"{rate:g}/s": await self.latency(processes, ours, running, 0.0, ours_single.eps, 1, absolute=rate)
+                 for rate in plan.fixed_rates if rate <= 1.2 * ours_single.eps}
+        closed = await self.closed_loop(ours)
         ours.cache |= worker_cache_counts(ours, running)
         processes.stop(*running)
         floor = {}
@@ -406,12 +421,42 @@ class Bench:
             "latency_ms": {label: _percentiles(entry) for label, entry in latency.items()},
             "latency_ms_batch32": {label: _percentiles(entry) for label, entry in latency_batch.items()},
             "latency_ms_raw_floor": {label: _percentiles(entry) for label, entry in floor.items()},
+            "latency_ms_fixed_rates": {label: {**_percentiles(entry), "hops_ms": entry["hops_ms"],
+                                               "generator_behind": entry["generator_behind"]}
+                                       for label, entry in fixed.items()},
+            "closed_loop_ms": closed,
             "cache": {variant.name: variant.cache for variant in (faust, ours, two)},
             "all_answered": all(result.answered == result.requests for result in (
                 raw_single, raw_batch, faust_single, ours_single, ours_batch, two_single)) and all(
                 entry["answered"] == entry["requests"] for entry in self.results["latency"]),
         })
         return self.results
+
+    async def closed_loop(self, variant: Variant) -> dict[str, Any]:
+        """One client, one request at a time (``predict``: send, wait for the answer, send the next) for
+        ``seconds``: the latency of a request on an otherwise idle worker."""
+        from streamscore.streams.client import Client
+
+        assert self.workload is not None
+        latencies: list[float] = []
+        async with Client(variant.settings) as client:
+            deadline = time.monotonic() + self.plan.seconds
+            index = 0
+            while time.monotonic() < deadline:
+                index += 1
+                if is_cold(index):  # hot entities only: the cache's hit path, as most requests meet
+                    continue
+                request = {**self.workload.request("closed", index, 0, time.time_ns() // 1_000_000),
+                           "id": f"closed-{self.run_id}-{index}"}
+                started = time.perf_counter()
+                await client.predict(MODEL, request, timeout=30)
+                latencies.append((time.perf_counter() - started) * 1000)
+        values = np.array(latencies[min(10, len(latencies) // 10):])  # the first answers warm the reply path
+        entry = {"requests": len(latencies), "p50": round(float(np.percentile(values, 50)), 2),
+                 "p99": round(float(np.percentile(values, 99)), 2), "max": round(float(values.max()), 2)}
+        self.echo(f"   closed loop: {entry['requests']} requests one at a time, p50 {entry['p50']} ms, "
+                  f"p99 {entry['p99']} ms")
+        return entry
 
     async def cleanup(self) -> None:
         """Delete the run's topics and cache entries (the bench keyspace's rows are kept for the next run).
@@ -473,6 +518,51 @@ async def _wait_exit(process: Process, watched: Sequence[Process], timeout_s: fl
     return process.returncode
 
 
+async def log_append_time(settings: Settings, names: Sequence[str]) -> None:
+    """Make the topics stamp records with the broker's append time (``message.timestamp.type``), which the
+    hop split reads: the acknowledgement of a request and the record of a prediction then carry it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from streamscore.streams.kafka import client_kwargs
+
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name,
+                                                  {"message.timestamp.type": "LogAppendTime"}) for name in names])
+    finally:
+        await admin.close()
+
+
+HOPS = ("client->broker", "client->worker", "in worker", "worker->broker", "broker->client")
+
+
+def hop_split(folder: Path, sent_us: np.ndarray, arrived_us: np.ndarray) -> dict[str, dict[str, float]]:
+    """p50/p99 ms of each hop: client->broker (per producer batch, the broker's append clock), client->worker
+    (send stamp to the worker's ``received_ms``: client->broker plus broker->worker), in worker (``received_ms``
+    to ``sent_ms``), worker->broker (``sent_ms`` to the prediction's append time), broker->client (append time
+    to arrival at the subscriber). Clocks: one machine's, so the hops add up to the end-to-end time."""
+    hops_path, broker_path = folder / loadgen.HOPS_FILE, folder / loadgen.TO_BROKER_FILE
+    if not hops_path.exists() or not broker_path.exists():
+        return {}
+    hops = np.load(hops_path)
+    answered = (arrived_us > 0) & (hops[:, 0] > 0) & (hops[:, 2] > 0)
+    if not answered.any():
+        return {}
+    received, published, appended = (hops[answered, column].astype(np.float64) for column in range(3))
+    sent_ms, arrived_ms = sent_us[answered] / 1000, arrived_us[answered] / 1000
+    values = {
+        "client->broker": np.load(broker_path) / 1000,
+        "client->worker": received - sent_ms,
+        "in worker": published - received,
+        "worker->broker": appended - published,
+        "broker->client": arrived_ms - appended,
+    }
+    return {hop: {"p50": round(float(np.percentile(v, 50)), 2), "p99": round(float(np.percentile(v, 99)), 2)}
+            for hop, v in values.items() if len(v)}
+
+
 def _latency_entry(folder: Path, fraction: float, rate: float, batch_size: int) -> dict[str, Any]:
     sent_us = np.load(folder / loadgen.SENT_FILE)
     arrived_us = np.load(folder / loadgen.ARRIVED_FILE)
@@ -492,6 +582,9 @@ def _latency_entry(folder: Path, fraction: float, rate: float, batch_size: int) 
         "max": round(histogram.get_max_value() / 1000, 2) if answered.any() else None,
         "producer_behind_ms": producer["most_behind_schedule_ms"],
         "send_duration_s": producer["send_duration_s"],
+        # the load generator fell behind its schedule by more than a 10th of the run: its rate is not the offer
+        "generator_behind": producer["most_behind_schedule_ms"] > 100 * producer.get("seconds", math.inf),
+        "hops_ms": hop_split(folder, sent_us, arrived_us),
     }
 
 

@@ -23,6 +23,7 @@ import signal
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
@@ -34,6 +35,12 @@ from .workload import Workload, send_messages
 
 SENT_FILE = "sent_us.npy"
 ARRIVED_FILE = "arrived_us.npy"
+TO_BROKER_FILE = "to_broker_us.npy"
+"""Per producer batch: the broker's log-append time of the batch minus its send stamp (the request topic
+appends with LogAppendTime, so the acknowledgement carries the broker's clock)."""
+HOPS_FILE = "hops_ms.npy"
+"""Per request (rows by index): the worker's ``received_ms`` and ``sent_ms`` stamps from the prediction and the
+broker's log-append time of the prediction record (the predictions topic appends with LogAppendTime)."""
 PRODUCER_FILE = "producer.json"
 READY_FILE = "subscriber.ready"
 
@@ -52,6 +59,7 @@ async def open_loop(settings: Settings, topic: str, phase: str, rate: float, sec
                                 max_request_size=4 << 20)
     await producer.start()
     futures: list[asyncio.Future] = []
+    stamps: list[int] = []
     sent, most_behind_s = 0, 0.0
     started = time.perf_counter()
     try:
@@ -64,13 +72,17 @@ async def open_loop(settings: Settings, topic: str, phase: str, rate: float, sec
                 batch = [workload.message(phase, index * batch_size, batch_size, cold_base, stamp_us // 1000)
                          for index in range(sent, due)]
                 sent_us[sent * batch_size:due * batch_size] = stamp_us
-                futures.extend(await send_messages(producer, topic, batch, partitions))
+                queued = await send_messages(producer, topic, batch, partitions)
+                futures.extend(queued)
+                stamps.extend([stamp_us] * len(queued))
                 sent = due
             await asyncio.sleep(max(0.0, started + sent / message_rate - time.perf_counter()))
-        await asyncio.gather(*futures)
+        acknowledged = await asyncio.gather(*futures)
     finally:
         await producer.stop()
     np.save(out / SENT_FILE, sent_us)
+    appended_us = np.array([metadata.timestamp * 1000 for metadata in acknowledged], dtype=np.int64)
+    np.save(out / TO_BROKER_FILE, appended_us - np.array(stamps, dtype=np.int64))
     summary = {"requests": int(sent_us.size), "messages": messages, "rate": rate, "seconds": seconds,
                "send_duration_s": round(time.perf_counter() - started, 3),
                "most_behind_schedule_ms": round(most_behind_s * 1000, 2)}
@@ -84,6 +96,7 @@ async def subscribe(settings: Settings, topic: str, phase: str, expect: int, out
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     arrived_us = np.zeros(expect, dtype=np.int64)
+    hops_ms = np.zeros((expect, 3), dtype=np.int64)
     prefix = f"{phase}-".encode()
     count, deadline, last_arrival = 0, time.monotonic() + timeout_s, time.monotonic()
     (out / READY_FILE).write_text("ready\n")
@@ -100,11 +113,15 @@ async def subscribe(settings: Settings, topic: str, phase: str, expect: int, out
                     index = int(record.key[len(prefix):])
                     if 0 <= index < expect and not arrived_us[index]:
                         arrived_us[index] = now_us
+                        prediction = msgpack.unpackb(record.value)
+                        hops_ms[index] = (prediction.get("received_ms", 0), prediction.get("sent_ms", 0),
+                                          record.timestamp)
                         count += 1
                         last_arrival = time.monotonic()
     finally:
         await consumer.stop()
         np.save(out / ARRIVED_FILE, arrived_us)
+        np.save(out / HOPS_FILE, hops_ms)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,26 @@ def _p99_at_70(results: Results) -> float | None:
     return None if entry is None else entry.get("p99")
 
 
+def _fixed_p99(label: str) -> Callable[[Results], float | None]:
+    def measure(results: Results) -> float | None:
+        entry = results.get("latency_ms_fixed_rates", {}).get(label)
+        return None if entry is None else entry.get("p99")
+    return measure
+
+
+def _p99_over_floor_at_50(results: Results) -> float | None:
+    ours = results.get("latency_ms", {}).get("50%", {}).get("p99")
+    floor = results.get("latency_ms_raw_floor", {}).get("50%", {}).get("p99")
+    return _ratio(ours, floor)
+
+
 TARGETS: list[tuple[str, str, Callable[[Results], float | None], str, float]] = [
+    ("closed_loop_p99_ms", "c's p99 at most 10 ms closed loop (one request at a time)",
+     lambda r: (r.get("closed_loop_ms") or {}).get("p99"), "<=", 10.0),
+    ("p99_ms_at_1k", "c's p99 at most 20 ms at 1,000 requests/s", _fixed_p99("1000/s"), "<=", 20.0),
+    ("p99_ms_at_5k", "c's p99 at most 40 ms at 5,000 requests/s", _fixed_p99("5000/s"), "<=", 40.0),
+    ("p99_vs_floor_at_50pct", "c's p99 at 50% of its maximum at most 2x the floor (a) at the same rate",
+     _p99_over_floor_at_50, "<=", 2.0),
     ("streamscore_vs_raw", "c (streamscore) at least 50% of a's (raw aiokafka) events/s",
      lambda r: _ratio(r["streamscore_eps"], r["raw_aiokafka_eps"]), ">=", 0.5),
     ("streamscore_vs_faust", "c at least 15x b (per-event Faust)",
@@ -117,6 +136,21 @@ def _latency_rows(results: Results) -> list[str]:
             for entry in results.get("latency", [])]
 
 
+def _fixed_rows(results: Results) -> list[str]:
+    from .harness import HOPS
+
+    rows = []
+    for entry in sorted((e for e in results.get("latency", []) if str(e.get("phase", "")).startswith("rate")
+                         or e.get("fixed")), key=lambda e: e["offered_eps"]):
+        hops = entry.get("hops_ms") or {}
+        cells = [f"{_number(hops[h]['p50'], 1)} / {_number(hops[h]['p99'], 1)}" if h in hops else "-" for h in HOPS]
+        behind = " (generator behind)" if entry.get("generator_behind") else ""
+        rows.append(f"| {_number(entry['offered_eps'])}{behind} | {_number(entry['achieved_eps'])} | "
+                    f"{_number(entry['p50'], 2)} | {_number(entry['p99'], 2)} | {_number(entry['max'], 1)} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(results: Results) -> str:
     machine = results.get("machine", {})
     stack = ", ".join(f"{name} {version}" for name, version in machine.get("stack", {}).items())
@@ -152,6 +186,20 @@ def markdown(results: Results) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *_latency_rows(results),
         "",
+        "## Latency at fixed rates, by hop (c, one request per message; p50 / p99 ms of each hop)",
+        "",
+        "client->broker: the request's send stamp to the broker's append time (per producer batch); "
+        "client->worker: to the worker's received_ms (client->broker + broker->worker); in worker: received_ms "
+        "to sent_ms; worker->broker: to the prediction's append time; broker->client: to the subscriber's "
+        "arrival. Closed loop (one request at a time, `predict`): "
+        f"p50 {_number((results.get('closed_loop_ms') or {}).get('p50'), 2)} ms, "
+        f"p99 {_number((results.get('closed_loop_ms') or {}).get('p99'), 2)} ms.",
+        "",
+        "| offered/s | achieved/s | p50 ms | p99 ms | max ms | client->broker | client->worker | in worker | "
+        "worker->broker | broker->client |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_fixed_rows(results),
+        "",
         "## Where the cores went (cores used on average over each run)",
         "",
         "| run | under test | load generator | Kafka | Cassandra | Redis | harness | rest of the machine | idle |",
@@ -183,7 +231,7 @@ def plot(results: Results, path: Path) -> None:
 
     entries, floor = series("streamscore"), series("raw_aiokafka")
     offered = [entry["offered_eps"] for entry in entries]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, (left, right, hops_axes) = plt.subplots(1, 3, figsize=(18, 4.8))
     title = "streamscore end-to-end" + (" (smoke run: numbers meaningless)" if results.get("smoke") else "")
     figure.suptitle(f"{title}: {results.get('machine', {}).get('cpu_count')} cores, {results.get('date', '')}")
 
@@ -219,6 +267,27 @@ def plot(results: Results, path: Path) -> None:
     right.set(xlabel="offered requests/s", ylabel="ms (log scale)", title="c latency (sent to prediction received)",
               xlim=(0, None), yscale="log")
     right.legend(fontsize=8)
+
+    from .harness import HOPS
+
+    fixed = sorted((e for e in results.get("latency", []) if e.get("fixed") and e.get("hops_ms")),
+                   key=lambda e: e["offered_eps"])
+    labels = [f"{entry['offered_eps']:,.0f}/s" for entry in fixed]
+    bottom = [0.0] * len(fixed)
+    for hop in [h for h in HOPS if h != "client->worker"]:  # client->worker holds client->broker: not stacked
+        heights = [entry["hops_ms"].get(hop, {}).get("p50", 0.0) for entry in fixed]
+        if hop == "client->broker":  # then broker->worker: the rest of client->worker
+            hop_heights = heights
+        hops_axes.bar(labels, heights, bottom=bottom, label=f"{hop} p50")
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        if hop == "client->broker":
+            rest = [max(0.0, entry["hops_ms"].get("client->worker", {}).get("p50", 0.0) - first)
+                    for entry, first in zip(fixed, hop_heights, strict=True)]
+            hops_axes.bar(labels, rest, bottom=bottom, label="broker->worker p50")
+            bottom = [b + h for b, h in zip(bottom, rest, strict=True)]
+    hops_axes.set(xlabel="offered requests/s (fixed rates)", ylabel="ms", title="c: p50 by hop")
+    if fixed:
+        hops_axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -34,3 +34,8 @@ def test_smoke_run_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert set(results["latency_ms"]) and all({"p50", "p95", "p99"} <= set(entry)
                                               for entry in results["latency_ms"].values())
     assert (out / "e2e.png").read_bytes().startswith(b"\x89PNG")
+    fixed = results["latency_ms_fixed_rates"]["100/s"]  # the per-hop split of a fixed-rate run
+    assert set(fixed["hops_ms"]) == {"client->broker", "client->worker", "in worker", "worker->broker",
+                                     "broker->client"}
+    assert all(hop["p50"] >= 0 for hop in fixed["hops_ms"].values())
+    assert results["closed_loop_ms"]["requests"] > 0 and results["closed_loop_ms"]["p99"] > 0

@@ -112,3 +112,22 @@ def test_cpu_readings_come_from_proc() -> None:
     busy, total = machine_cpu_s()
     assert 0 < busy <= total
     assert (process_cpu_s(os.getpid()) or 0) > 0
+
+
+def test_the_hop_split_adds_up_to_the_end_to_end_time(tmp_path: Path) -> None:
+    import numpy as np
+
+    from streamscore_bench import loadgen
+    from streamscore_bench.harness import hop_split
+
+    sent_us = np.array([1_000_000, 1_010_000, 1_020_000, 0], dtype=np.int64)  # the last never answered
+    arrived_us = np.array([1_009_000, 1_020_000, 1_031_000, 0], dtype=np.int64)
+    # received_ms, sent_ms (the worker's), the prediction's append time: 2 + 3 + 1 ms, then to the client
+    hops = np.array([[1_002, 1_005, 1_006], [1_012, 1_015, 1_016], [1_022, 1_026, 1_027], [0, 0, 0]])
+    np.save(tmp_path / loadgen.HOPS_FILE, hops)
+    np.save(tmp_path / loadgen.TO_BROKER_FILE, np.array([1_000, 1_500], dtype=np.int64))
+    split = hop_split(tmp_path, sent_us, arrived_us)
+    assert split["client->worker"]["p50"] == 2.0 and split["in worker"]["p50"] == 3.0
+    assert split["worker->broker"]["p50"] == 1.0 and split["broker->client"]["p50"] == 4.0
+    assert split["client->broker"]["p50"] == 1.25
+    assert split["in worker"]["p99"] == pytest.approx(3.98)
