@@ -50,8 +50,8 @@ def _now_us() -> int:
 
 
 async def open_loop(settings: Settings, topic: str, phase: str, rate: float, seconds: float, batch_size: int,
-                    cold_base: int, partitions: int, pool_size: int, out: Path) -> None:
-    workload = Workload(pool_size)
+                    cold_base: int, partitions: int, pool_size: int, out: Path, hot_only: bool = False) -> None:
+    workload = Workload(pool_size, hot_only=hot_only)
     message_rate = rate / batch_size
     messages = max(1, round(rate * seconds / batch_size))
     sent_us = np.zeros(messages * batch_size, dtype=np.int64)
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     producer.add_argument("--cold-base", type=int, default=0, help="first cold entity number to use")
     producer.add_argument("--partitions", type=int, default=4)
     producer.add_argument("--pool-size", type=int, default=20_000)
+    producer.add_argument("--hot-only", action="store_true", help="no cold (cache-missing) requests")
     subscriber.add_argument("--expect", type=int, required=True, help="requests 0..expect-1 of the phase")
     subscriber.add_argument("--timeout", type=float, default=600.0)
     subscriber.add_argument("--idle", type=float, default=10.0, help="stop after this long without a prediction")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     if args.command == "open-loop":
         asyncio.run(open_loop(settings, args.topic, args.phase, args.rate, args.seconds, args.batch_size,
-                              args.cold_base, args.partitions, args.pool_size, args.out))
+                              args.cold_base, args.partitions, args.pool_size, args.out, args.hot_only))
     else:
         asyncio.run(subscribe(settings, args.topic, args.phase, args.expect, args.out, args.timeout, args.idle))
 

@@ -316,9 +316,11 @@ class HttpSettings(_Strict):
     without them."""
     bind: str = "127.0.0.1"
     """Address the endpoint listens on: loopback by default; ``0.0.0.0`` to take requests from other hosts."""
-    batch_window_ms: float = Field(default=2.0, ge=0)
+    batch_window_ms: float = Field(default=0.0, ge=0)
     """Longest an HTTP request's rows wait for a batch to join before one is started for them (Kafka batches
-    take waiting rows too; the batch size bound is ``worker.batch_max``)."""
+    take waiting rows too; the batch size bound is ``worker.batch_max``). 0: a batch is started as soon as the
+    agent can take it, and the rows that arrive while it scores one join the next (measured: a 2 ms window
+    doubled the latency at low load and lowered the capacity, bench/http_bench.py)."""
     max_waiting_rows: int = Field(default=8192, ge=1)
     """Rows of HTTP requests waiting for a batch, at most; a request that would go over is answered 503 with
     Retry-After, never queued without bound."""
