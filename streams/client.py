@@ -42,6 +42,8 @@ class Client:
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self._producer: AIOKafkaProducer | None = None
         self._replies: _ReplyListener | None = None
+        self._replies_started = asyncio.Lock()
+        """Concurrent first predict() calls start one reply listener, not one each (the others leaked)."""
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -154,10 +156,11 @@ class Client:
             replies.forget(str(request["id"]))
 
     async def _reply_listener(self) -> _ReplyListener:
-        if self._replies is None:
-            listener = _ReplyListener(self.settings, topics.replies(self.settings.topic_prefix, self.client_id))
-            await listener.start()
-            self._replies = listener
+        async with self._replies_started:
+            if self._replies is None:
+                listener = _ReplyListener(self.settings, topics.replies(self.settings.topic_prefix, self.client_id))
+                await listener.start()
+                self._replies = listener
         return self._replies
 
 

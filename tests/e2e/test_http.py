@@ -47,8 +47,7 @@ def _inputs(requests: list[dict[str, Any]], binary: bool = False) -> list[triton
 
 async def _kafka_predictions(deployment: Deployment, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     async with Client(deployment.settings) as client:
-        first = await client.predict(MODEL, requests[0], timeout=30)  # starts the client's one reply listener
-        return [first, *await asyncio.gather(*(client.predict(MODEL, r, timeout=30) for r in requests[1:]))]
+        return list(await asyncio.gather(*(client.predict(MODEL, r, timeout=30) for r in requests)))
 
 
 def test_tritonclient_infer_gives_the_kafka_paths_scores(deployment: Deployment) -> None:
