@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -29,6 +30,7 @@ import math
 import secrets
 import socket
 import time
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -357,16 +359,22 @@ def _binary_values(name: str, datatype: str, raw: bytes) -> list[Any]:
     return strings
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(spec: DecodeSpec) -> tuple[dict[str, int], frozenset[str], tuple[str, ...]]:
+    """Per decode spec: request feature -> size, every input name taken, the inputs that must be given."""
+    sizes = {feature.name: feature.size for feature in spec.request_features}
+    required = (*spec.entity_keys, *(feature.name for feature in spec.request_features if feature.default is None))
+    return sizes, frozenset((*spec.entity_keys, *sizes, ID_INPUT)), required
+
+
 def _rows_of(tensors: dict[str, tuple[str, list[int], list[Any]]], spec: DecodeSpec, max_rows: int
              ) -> tuple[int, dict[str, Any]]:
     """The row count and one checked column per input."""
-    sizes = {feature.name: feature for feature in spec.request_features}
-    known = [*spec.entity_keys, *sizes]
-    unknown = [name for name in tensors if name not in known and name != ID_INPUT]
+    sizes, known, required = _layout(spec)
+    unknown = [name for name in tensors if name not in known]
     if unknown:
         raise ProtocolError(400, f"unknown input {unknown[0]!r}: this model takes {_describe_inputs(spec)}")
-    missing = [name for name in spec.entity_keys if name not in tensors] + [
-        feature.name for feature in spec.request_features if feature.default is None and feature.name not in tensors]
+    missing = [name for name in required if name not in tensors]
     if missing:
         raise ProtocolError(400, f"input {missing[0]!r} is missing: this model takes {_describe_inputs(spec)}")
     counts = {name: shape[0] for name, (_, shape, _) in tensors.items()}
@@ -378,8 +386,8 @@ def _rows_of(tensors: dict[str, tuple[str, list[int], list[Any]]], spec: DecodeS
                                  "(STREAMSCORE_HTTP__MAX_ROWS_PER_REQUEST)")
     columns: dict[str, Any] = {}
     for name, (datatype, shape, data) in tensors.items():
-        width = sizes[name].size if name in sizes else 1
-        if (shape[1:] not in ([], [1])) if width == 1 else (shape[1:] != [width]):
+        width = sizes.get(name, 1)
+        if (len(shape) == 2 and shape[1] != 1) if width == 1 else (shape[1:] != [width]):
             wanted = "[N] or [N, 1]" if width == 1 else f"[N, {width}]"
             raise ProtocolError(400, f"input {name!r}: shape {shape} does not fit; it takes {wanted}")
         if name in sizes:
@@ -413,22 +421,35 @@ def _string_column(name: str, datatype: str, data: list[Any], max_len: int, enti
     raise ProtocolError(400, f"input {name!r} has datatype {datatype}; it takes {takes}")
 
 
+_NUMBERS = (int, float)
+_SMALL = 256
+"""Columns up to this many values are checked and rounded in plain Python (C-level ``array``), larger ones
+with numpy: for a few values numpy's per-call cost is the larger."""
+
+
 def _feature_column(name: str, datatype: str, data: list[Any], count: int, width: int) -> list[Any]:
     if datatype not in _NUMERIC_TYPES:
         raise ProtocolError(400, f"input {name!r} has datatype {datatype}; it takes FP32 (or another numeric "
                                  "type: FP16, FP64, INT8..INT64, UINT8..UINT64)")
-    if any(isinstance(value, bool) or not isinstance(value, int | float) for value in data):
-        bad = next(v for v in data if isinstance(v, bool) or not isinstance(v, int | float))
-        raise ProtocolError(400, f"input {name!r}: {bad!r} is not a number")
-    if datatype in _INT_TYPES and any(isinstance(value, float) for value in data):
+    for value in data:  # exactly int or float: a JSON true is a bool, which the wire format refuses too
+        if type(value) not in _NUMBERS:
+            raise ProtocolError(400, f"input {name!r}: {value!r} is not a number")
+    if datatype in _INT_TYPES and any(type(value) is float for value in data):
         raise ProtocolError(400, f"input {name!r}: datatype {datatype} holds integers, the data has fractions")
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = np.asarray(data, dtype=np.float64).astype(np.float32)
-    if not np.isfinite(values).all():
+    try:
+        if len(data) <= _SMALL:  # float32 rounding as the decoder's: int -> float64 -> float32
+            column: list[Any] = array("f", data).tolist()
+            finite = all(map(math.isfinite, column))
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = np.asarray(data, dtype=np.float64).astype(np.float32)
+            finite, column = bool(np.isfinite(values).all()), values.tolist()
+    except OverflowError:
+        finite = False
+    if not finite:
         raise ProtocolError(400, f"input {name!r}: every value must be finite in float32 (no NaN, no inf, "
                                  "at most about 3.4e38)")
-    column: list[Any] = values.tolist() if width == 1 else values.reshape(count, width).tolist()
-    return column
+    return column if width == 1 else [column[row * width:(row + 1) * width] for row in range(count)]
 
 
 def _deadline(parameters: Mapping[str, Any], header: str | None) -> int | None:
