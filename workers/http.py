@@ -524,6 +524,7 @@ def answer_of(model: str, rows: InferRows, waiting: Waiting, output_types: Mappi
                     for name in names],
         "parameters": {
             "versions": json.dumps(versions),
+            "row_ids": json.dumps([row_id.decode() for row_id in waiting.row_ids]),
             "degraded": json.dumps([p["degraded"] for p in predictions]),
             "lineage": json.dumps([p["lineage"] for p in predictions]),
             "timings_us": json.dumps(first["timings_us"]),

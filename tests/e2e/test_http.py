@@ -78,6 +78,8 @@ def test_tritonclient_infer_gives_the_kafka_paths_scores(deployment: Deployment)
     assert {row["artifact_sha256"] for row in lineage} == {kafka[0]["lineage"]["artifact_sha256"]}
     assert [row["feature_ts_ms"] for row in lineage] == [p["lineage"]["feature_ts_ms"] for p in kafka]
     assert json.loads(parameters["versions"]) == [p["version"] for p in kafka]
+    row_ids = json.loads(parameters["row_ids"])
+    assert len(set(row_ids)) == len(requests) and all(row_id.startswith("http-") for row_id in row_ids)
 
 
 def test_health_metadata_and_model_readiness(deployment: Deployment) -> None:
