@@ -244,3 +244,37 @@ def test_overload_is_503_with_retry_after_never_a_long_queue(deployment: Deploym
 def _text(value: bytes | str) -> str:
     """A BYTES element as tritonclient gives it: str from a JSON response, bytes from binary data."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def test_http_rows_join_the_micro_batches_of_kafka_requests(deployment: Deployment) -> None:
+    """While a stream of Kafka requests is scored, HTTP requests land in the very batches Kafka's requests are
+    in (the same batch id in their lineage), and both get their own answers."""
+    from .test_worker_e2e import _predictions_for
+
+    run = uuid.uuid4().hex[:6]
+    cards = [card for card in deployment.rows["card_stats"] if card != "card-7"]
+    streamed = [request(f"j-{run}-{i}", cards[i % len(cards)], "merchant-2", 1.0 + i % 50) for i in range(3000)]
+    body = {"inputs": [*_good_inputs(4)]}
+
+    async def scenario() -> list[str]:
+        batch_ids: list[str] = []
+        async with Client(deployment.settings) as client, aiohttp.ClientSession() as session:
+            producing = asyncio.create_task(client.produce_many(MODEL, streamed, rate=2000))
+
+            async def one() -> None:
+                async with session.post(f"http://{http_address(deployment)}/v2/models/{MODEL}/infer",
+                                        json=body) as response:
+                    answer = await response.json()
+                    assert response.status == 200, answer
+                    batch_ids.extend(row["batch_id"] for row in json.loads(answer["parameters"]["lineage"]))
+
+            while not producing.done():
+                await asyncio.gather(*(one() for _ in range(8)))
+            await producing
+        return batch_ids
+
+    http_batches = set(asyncio.run(scenario()))
+    predictions = _predictions_for(deployment, {r["id"] for r in streamed})
+
+    assert {p["id"] for p in predictions} == {r["id"] for r in streamed}
+    assert http_batches & {p["lineage"]["batch_id"] for p in predictions}
