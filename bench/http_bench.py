@@ -7,10 +7,11 @@ In one run, against one worker (4 request partitions, the default batch settings
 1. closed loop: ``wrk`` (Debian's package) with 1, 4, 16 and 64 connections, each sending its next request
    when the last is answered: the worker's capacity over HTTP and the latency at each concurrency;
 2. open loop over HTTP: ``hey`` (Debian's package) at 1,000 requests/s (the target), 0.9 of the capacity
-   measured in 1, and each rate of ``--rates`` up to 1.1 times that capacity, spread over enough connections
-   that each sends at most 10 requests/s (``-c``, ``-q``): a request is due every 1/rate s whatever the
-   answers do, as long as each answer comes within 100 ms (hey waits for a connection's answer before its
-   next send, so a slower worker shows as an achieved rate below the offered one, reported beside it);
+   measured in 1, and each rate of ``--rates`` up to 1.1 times that capacity: 25 hey processes started a
+   fraction of a tick apart (one hey's connections tick together: alone it sends bursts), each connection
+   paced at most 20 requests/s (``-c``, ``-q``), so a request is due about every 1/rate s whatever the answers
+   do, as long as each answer comes within 50 ms (hey waits for a connection's answer before its next send:
+   a slower worker shows as an achieved rate below the offered one, reported beside it);
 3. open loop over Kafka at the same rates: the project's producer and subscriber processes (``loadgen.py``),
    latency from the request's send to its prediction's arrival.
 
@@ -60,8 +61,9 @@ PARTITIONS = 4
 CONNECTIONS = (1, 4, 16, 64)
 BODIES = 2000
 TARGET_RATE, TARGET_P99_MS = 1000.0, 20.0
-PER_CONNECTION_RATE = 10.0
-"""Most requests/s one hey connection is asked for in the open loop (100 ms between its sends)."""
+PER_CONNECTION_RATE = 20.0
+"""Most requests/s one hey connection is asked for in the open loop (50 ms between its sends)."""
+HEY_PROCESSES = 25
 
 
 def infer_body(request: dict[str, Any]) -> str:
@@ -114,24 +116,33 @@ def closed_loop(url: str, script: Path, connections: int, seconds: float, worker
 
 
 def open_loop_http(url: str, body: Path, rate: float, seconds: float, worker: Process) -> dict[str, Any]:
-    connections = max(4, math.ceil(rate / PER_CONNECTION_RATE))
+    """``rate`` requests/s from HEY_PROCESSES hey processes started a fraction of a tick apart: one hey paces
+    each of its connections by its own ticker, and those tick together, so a single hey at 1,000/s over 100
+    connections sends bursts of 100 every 100 ms; staggered processes spread the sends over the tick."""
+    connections = max(HEY_PROCESSES, math.ceil(rate / PER_CONNECTION_RATE))
+    per_process = math.ceil(connections / HEY_PROCESSES)
+    per_connection = rate / (per_process * HEY_PROCESSES)
+    stagger = 1.0 / per_connection / HEY_PROCESSES
     cpu_before = process_cpu_s(worker.pid) or 0.0
     started = time.monotonic()
-    completed = subprocess.run(["hey", "-z", f"{seconds:g}s", "-c", str(connections), "-q",
-                                f"{rate / connections:.4f}", "-m", "POST", "-T", "application/json", "-D", str(body),
-                                "-t", "5", "-o", "csv", url], capture_output=True, text=True,
-                               timeout=seconds + 60, check=False)
+    heys = []
+    for number in range(HEY_PROCESSES):
+        heys.append(subprocess.Popen(["hey", "-z", f"{seconds:g}s", "-c", str(per_process), "-q",
+                                      f"{per_connection:.4f}", "-m", "POST", "-T", "application/json", "-D",
+                                      str(body), "-t", "5", "-o", "csv", url],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(max(0.0, started + (number + 1) * stagger - time.monotonic()))
+    rows = []
+    for hey in heys:
+        out, err = hey.communicate(timeout=seconds + 60)
+        if hey.returncode != 0:
+            raise BenchFailed(f"hey failed ({hey.returncode}): {err[-2000:]}")
+        rows += list(csv.DictReader(io.StringIO(out)))
     elapsed = time.monotonic() - started
-    if completed.returncode != 0:
-        raise BenchFailed(f"hey failed ({completed.returncode}): {completed.stderr[-2000:]}")
-    rows = list(csv.DictReader(io.StringIO(completed.stdout)))
     latencies_ms = np.array([float(row["response-time"]) * 1000 for row in rows])
-    offsets = np.array([float(row["offset"]) for row in rows])
     ok = sum(1 for row in rows if row["status-code"] == "200")
-    span = float(offsets.max()) if len(offsets) else seconds
-    return {"offered_rps": rate, "connections": connections, "requests": len(rows), "ok": ok,
-            "achieved_rps": round(len(rows) / max(span, 1e-3), 1),
-            **_percentiles_ms(latencies_ms),
+    return {"offered_rps": rate, "connections": per_process * HEY_PROCESSES, "requests": len(rows), "ok": ok,
+            "achieved_rps": round(len(rows) / seconds, 1), **_percentiles_ms(latencies_ms),
             "worker_cores": round(((process_cpu_s(worker.pid) or 0.0) - cpu_before) / elapsed, 2)}
 
 
