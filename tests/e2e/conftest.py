@@ -52,6 +52,9 @@ class Deployment:
     pipeline: Any
     """The trained scikit-learn pipeline: the offline reference for every streamed score."""
     log_path: Path
+    http_port: int = 0
+    """The session worker's Open Inference Protocol port (see http_address); not in ``env``, so other workers a
+    test starts with ``env`` do not compete for it."""
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +72,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         "STREAMSCORE_DATA_DIR": str(data_dir),
         "STREAMSCORE_CASSANDRA__KEYSPACE": f"e2e_{run}",
         "STREAMSCORE_WORKER__WEB_PORT": str(_free_port()),
-        # the Open Inference Protocol endpoint (docs/http.md): see http_address()
-        "STREAMSCORE_HTTP__PORT": str(_free_port()),
         "STREAMSCORE_WORKER__PARTITIONS": "2",
         "STREAMSCORE_WORKER__RELOAD_INTERVAL_S": "1",
         "STREAMSCORE_WORKER__REPLY_TO_PREFIXES": f'["allowed{run}."]',
@@ -81,7 +82,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     rows = generate_feature_rows(seed=3, n_cards=300, n_merchants=40)
     asyncio.run(_fill(settings, rows))
     _, pipeline = build_and_register(settings.models_dir, seed=5, n_train=4000, max_iter=60)
-    return Deployment(settings, env, rows, pipeline, data_dir / "worker.log")
+    return Deployment(settings, env, rows, pipeline, data_dir / "worker.log", http_port=_free_port())
 
 
 def _settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
@@ -109,7 +110,9 @@ async def _fill(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) 
 def worker(deployment: Deployment) -> Iterator[subprocess.Popen]:
     with open(deployment.log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
-                                   env={**os.environ, **deployment.env}, stdout=log, stderr=subprocess.STDOUT)
+                                   env={**os.environ, **deployment.env,
+                                        "STREAMSCORE_HTTP__PORT": str(deployment.http_port)},
+                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         asyncio.run(_wait_until_answering(deployment, process))
     except BaseException:
@@ -138,7 +141,7 @@ async def _wait_until_answering(deployment: Deployment, process: subprocess.Pope
 
 def http_address(deployment: Deployment) -> str:
     """host:port of the worker's Open Inference Protocol endpoint (e.g. for tritonclient's InferenceServerClient)."""
-    return f"127.0.0.1:{deployment.env['STREAMSCORE_HTTP__PORT']}"
+    return f"127.0.0.1:{deployment.http_port}"
 
 
 def request(request_id: str, card: str, merchant: str, amount: float = 42.0, **extra: Any) -> dict[str, Any]:
