@@ -229,10 +229,7 @@ class ModelScorer:
                 outcomes.append(await self.pipeline.process(half))
             except Exception as exc:
                 outcomes.append(await self._isolate(half, exc))
-        first, second = outcomes
-        return BatchOutcome(first.predictions + second.predictions, first.dead_letters + second.dead_letters,
-                            first.answered + second.answered, first.expired + second.expired,
-                            second.timings_us or first.timings_us, first.errored + second.errored)
+        return merge_outcomes(*outcomes)
 
     def _undeliverable(self, message: Outbound, error: BaseException) -> Outbound | None:
         """The dead letter that replaces a message Kafka will never take on its topic (a reply_to topic that is
@@ -243,6 +240,26 @@ class ModelScorer:
         if message[0] in own:  # a plain tuple, often
             return None
         return self.letters.undeliverable(message, error)
+
+
+def _summed(first: dict, second: dict) -> dict:
+    return {key: first.get(key, 0) + second.get(key, 0) for key in {**first, **second}}
+
+
+def merge_outcomes(first: BatchOutcome, second: BatchOutcome) -> BatchOutcome:
+    """The outcome of a batch scored as two halves: everything of both, counts added (shadow records and
+    monitoring reports included, so a split batch loses none of them)."""
+    return BatchOutcome(
+        first.predictions + second.predictions, first.dead_letters + second.dead_letters,
+        first.answered + second.answered, first.expired + second.expired, second.timings_us or first.timings_us,
+        first.errored + second.errored, by_version=_summed(first.by_version, second.by_version),
+        status_by_version={version: _summed(first.status_by_version.get(version, {}),
+                                            second.status_by_version.get(version, {}))
+                           for version in {**first.status_by_version, **second.status_by_version}},
+        runtime_s_by_version=_summed(first.runtime_s_by_version, second.runtime_s_by_version),
+        inference_failures_by_version=_summed(first.inference_failures_by_version,
+                                              second.inference_failures_by_version),
+        extra=first.extra + second.extra)
 
 
 Wanted = tuple[str, str | None, float, tuple[str, ...]]

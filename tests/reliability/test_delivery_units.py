@@ -241,7 +241,9 @@ class FakePipeline:
         if any(message.value == b"poison" for message in batch):
             raise ValueError("poison")
         predictions = [Outbound("p.m.predictions", message.value, b"prediction") for message in batch]
-        return BatchOutcome(predictions, [], len(batch), 0, {"decode": 1})
+        shadow = [Outbound("p.m.shadow", message.value, b"shadow record") for message in batch]
+        return BatchOutcome(predictions, [], len(batch), 0, {"decode": 1}, by_version={"1": len(batch)},
+                            status_by_version={"1": {"ok": len(batch)}}, extra=shadow)
 
 
 def make_agent(pipeline: FakePipeline | None = None) -> tuple[Any, FakePublisher]:
@@ -274,7 +276,8 @@ def test_a_flight_is_acknowledged_once_its_publication_is() -> None:
         return publisher
 
     publisher = run(scenario())
-    assert [message[1] for message in publisher.published[0]] == [b"r1"]
+    assert [(message[0], message[1]) for message in publisher.published[0]] == [("p.m.predictions", b"r1"),
+                                                                                ("p.m.shadow", b"r1")]
 
 
 @pytest.mark.parametrize("failure", [ValueError("bug"), TypeError("object of type 'NoneType' has no len()"),
@@ -335,6 +338,9 @@ def test_a_poison_message_is_dead_lettered_alone_and_the_rest_answered(monkeypat
     assert outcome.answered == 9 and len(outcome.predictions) == 9
     assert [letter.value for letter in outcome.dead_letters] == [b"poison"]
     assert dict(outcome.dead_letters[0].headers or [])["streamscore-error-kind"] == b"processing_failed"
+    # what the halves published beside their answers survives the split, and their counts add up
+    assert sorted(record.key for record in outcome.extra) == sorted(f"r{index}".encode() for index in range(9))
+    assert outcome.by_version == {"1": 9} and outcome.status_by_version == {"1": {"ok": 9}}
 
 
 # ------------------------------------------------------------------------------------- letters, channel
