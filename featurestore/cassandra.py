@@ -17,14 +17,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cassandra import AuthenticationFailed, ConsistencyLevel, InvalidRequest, Unauthorized
+from cassandra import AuthenticationFailed, InvalidRequest, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
+from cassandra.policies import ExponentialReconnectionPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
 from streamscore.settings import CassandraSettings, Settings
 
+from . import replication
 from .online import FeatureStoreUnavailable, OnlineRow, OnlineStore, SchemaMissing, StoredRow
 from .views import FeatureView
 
@@ -41,14 +42,15 @@ def _ssl_context(settings: CassandraSettings) -> ssl.SSLContext | None:
 
 
 def connect(settings: CassandraSettings) -> tuple[Cluster, Session]:
-    """Open a session with tuple rows (cheapest to build) and local-one reads."""
+    """Open a session with tuple rows (cheapest to build), reads at ``read_consistency`` and the load balancing
+    of ``local_dc`` (featurestore/replication.py)."""
     auth = None
     if settings.username is not None:
         password = settings.password.get_secret_value() if settings.password else ""
         auth = PlainTextAuthProvider(username=settings.username, password=password)
     profile = ExecutionProfile(
-        load_balancing_policy=RoundRobinPolicy(),
-        consistency_level=ConsistencyLevel.LOCAL_ONE,
+        load_balancing_policy=replication.load_balancing(settings),
+        consistency_level=replication.read_consistency(settings),
         request_timeout=settings.request_timeout_s,
         row_factory=tuple_factory,
     )
@@ -220,10 +222,7 @@ class CassandraStore(OnlineStore):
             # keyspace made by an administrator (with NetworkTopologyStrategy, say) is left as it is
             assert self._cluster is not None
             if keyspace not in self._cluster.metadata.keyspaces:
-                self.session.execute(
-                    f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
-                    f"{{'class': 'SimpleStrategy', 'replication_factor': {self.settings.replication_factor}}}"
-                )
+                self.session.execute(replication.create_keyspace_cql(self.settings))
             for view in self.views.values():
                 columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
                 self.session.execute(
@@ -249,6 +248,7 @@ class CassandraStore(OnlineStore):
         self._insert[view.name] = self.session.prepare(
             f"INSERT INTO {self._table(view)} (entity, {names}, event_ts_ms) VALUES (?, {marks}, ?) USING TTL ?"
         )
+        self._insert[view.name].consistency_level = replication.write_consistency(self.settings)
 
     def _table(self, view: FeatureView) -> str:
         return f"{self.settings.keyspace}.{view.table}"

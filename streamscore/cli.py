@@ -142,30 +142,38 @@ def _print_status(statuses: list[Any]) -> None:
                    + (f"  ({server.detail})" if server.detail else ""))
 
 
-def _stack_call(action: str, *args: Any) -> Any:
+def _stack_call(action: str, *args: Any, cluster: bool = False) -> Any:
     stack_module = _optional("streamscore_stack", f"stack {action}", None)
+    kind = stack_module.ClusterStack if cluster else stack_module.Stack
     try:
-        return getattr(stack_module.Stack(_settings().stack, echo=click.echo), action)(*args)
+        return getattr(kind(_settings().stack, echo=click.echo), action)(*args)
     except stack_module.StackError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
+_CLUSTER = click.option("--cluster", is_flag=True, help="The cluster profile: three Kafka and three Cassandra "
+                        "nodes and a Redis (STREAMSCORE_STACK__CLUSTER__*, in .stack-cluster/).")
+
+
 @stack.command("up")
-def stack_up() -> None:
+@_CLUSTER
+def stack_up(cluster: bool) -> None:
     """Fetch (first time), start and wait for Kafka, Cassandra and Redis."""
-    _print_status(_stack_call("up"))
+    _print_status(_stack_call("up", cluster=cluster))
 
 
 @stack.command("down")
-def stack_down() -> None:
+@_CLUSTER
+def stack_down(cluster: bool) -> None:
     """Stop the servers this stack started and wait until they are gone."""
-    _stack_call("down")
+    _stack_call("down", cluster=cluster)
 
 
 @stack.command("status")
-def stack_status() -> None:
+@_CLUSTER
+def stack_status(cluster: bool) -> None:
     """Each server: up or down, pid, port, version."""
-    statuses = _stack_call("status")
+    statuses = _stack_call("status", cluster=cluster)
     _print_status(statuses)
     if not all(server.up for server in statuses):
         sys.exit(1)
@@ -173,9 +181,10 @@ def stack_status() -> None:
 
 @stack.command("logs")
 @click.option("--lines", "-n", default=40, show_default=True, help="Lines of each log.")
-def stack_logs(lines: int) -> None:
+@_CLUSTER
+def stack_logs(lines: int, cluster: bool) -> None:
     """The tail of each server's log."""
-    for name, text in _stack_call("logs", lines).items():
+    for name, text in _stack_call("logs", lines, cluster=cluster).items():
         click.echo(click.style(f"==> {name} <==", bold=True))
         click.echo(text)
 

@@ -110,8 +110,25 @@ class CassandraSettings(_Strict):
     """CQL native-protocol port."""
     keyspace: str = "streamscore"
     """Keyspace holding one table per feature view."""
-    replication_factor: int = 1
-    """Replication factor used when the keyspace is created (SimpleStrategy)."""
+    replication_factor: int = Field(default=1, ge=1)
+    """Replication factor used when the keyspace is created with SimpleStrategy."""
+    replication_strategy: Literal["SimpleStrategy", "NetworkTopologyStrategy"] = "SimpleStrategy"
+    """Replication class of the keyspace when streamscore creates it (an existing keyspace is left as it is):
+    SimpleStrategy (``replication_factor`` copies, no datacenters) or NetworkTopologyStrategy (``datacenters``)."""
+    datacenters: dict[str, int] = {}
+    """NetworkTopologyStrategy only: datacenter name -> replication factor in it (JSON map), e.g.
+    ``{"dc1": 3, "dc2": 3}``; the names are the snitch's (``nodetool status``, ``system.local.data_center``)."""
+    read_consistency: Literal["ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_ONE", "LOCAL_QUORUM",
+                              "EACH_QUORUM"] = "LOCAL_ONE"
+    """Consistency level of feature reads. With replication factor 3, ``LOCAL_QUORUM`` reads and writes see every
+    acknowledged write while one replica per datacenter is down; ``LOCAL_ONE`` is the cheapest."""
+    write_consistency: Literal["ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_ONE", "LOCAL_QUORUM",
+                               "EACH_QUORUM"] = "LOCAL_ONE"
+    """Consistency level of feature writes (``features load``, the demo)."""
+    local_dc: str | None = None
+    """Datacenter this process is in: the driver then sends every query to that datacenter's nodes only
+    (DCAwareRoundRobinPolicy, token-aware), and ``LOCAL_*`` levels count that datacenter's replicas. None:
+    round robin over every node (one datacenter)."""
     username: str | None = None
     """User name for PasswordAuthenticator."""
     password: SecretStr | None = None
@@ -140,6 +157,22 @@ class CassandraSettings(_Strict):
     @model_validator(mode="after")
     def _usable(self) -> CassandraSettings:
         _check_files("CASSANDRA", self, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+        return self
+
+    @model_validator(mode="after")
+    def _replication_usable(self) -> CassandraSettings:
+        if self.replication_strategy == "NetworkTopologyStrategy" and not self.datacenters:
+            raise ValueError("STREAMSCORE_CASSANDRA__REPLICATION_STRATEGY is NetworkTopologyStrategy and "
+                             "STREAMSCORE_CASSANDRA__DATACENTERS is empty: name each datacenter with its replication "
+                             'factor, e.g. {"dc1": 3}')
+        if self.replication_strategy == "SimpleStrategy" and self.datacenters:
+            raise ValueError("STREAMSCORE_CASSANDRA__DATACENTERS is set but the replication strategy is "
+                             "SimpleStrategy: set STREAMSCORE_CASSANDRA__REPLICATION_STRATEGY=NetworkTopologyStrategy")
+        if any(factor < 1 for factor in self.datacenters.values()):
+            raise ValueError("STREAMSCORE_CASSANDRA__DATACENTERS: every replication factor must be at least 1")
+        if self.local_dc is not None and self.datacenters and self.local_dc not in self.datacenters:
+            raise ValueError(f"STREAMSCORE_CASSANDRA__LOCAL_DC={self.local_dc!r} is not one of the keyspace's "
+                             f"datacenters {sorted(self.datacenters)}")
         return self
 
 
@@ -190,6 +223,42 @@ class RedisSettings(_Strict):
         return self.ssl or self.ssl_cafile is not None or self.ssl_certfile is not None
 
 
+class StackClusterSettings(_Strict):
+    """The cluster profile of the local stack (``streamscore stack up --cluster``): three Kafka brokers, three
+    Cassandra nodes and a Redis, on ports of their own."""
+
+    dir: Path | None = None
+    """Where the cluster keeps data, logs and pids; None: ``.stack-cluster/`` at the root of the checkout."""
+    kafka_ports: list[int] = [29092, 29093, 29094]
+    """Broker port of each Kafka node on 127.0.0.1 (JSON list; three nodes)."""
+    kafka_controller_ports: list[int] = [29192, 29193, 29194]
+    """KRaft controller port of each Kafka node (every node is broker and controller: a three-voter quorum)."""
+    cassandra_hosts: list[str] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    """Loopback address of each Cassandra node (Linux routes all of 127.0.0.0/8 to lo); the first is the seed."""
+    cassandra_port: int = 29042
+    """CQL port, the same on every node's address."""
+    cassandra_storage_port: int = 27000
+    """Internode port, the same on every node's address."""
+    cassandra_datacenters: list[str] = ["dc1", "dc1", "dc1"]
+    """Datacenter of each Cassandra node (GossipingPropertyFileSnitch), e.g. ``["dc1", "dc1", "dc2"]`` for two
+    datacenters; changing it needs a fresh cluster dir (a node refuses to start in another datacenter)."""
+    redis_port: int = 26379
+    """Redis port on 127.0.0.1."""
+    kafka_heap_mb: int = 512
+    """JVM heap of each Kafka node."""
+    cassandra_heap_mb: int = 1024
+    """JVM heap of each Cassandra node."""
+
+    @model_validator(mode="after")
+    def _three_of_each(self) -> StackClusterSettings:
+        counts = {"KAFKA_PORTS": len(self.kafka_ports), "KAFKA_CONTROLLER_PORTS": len(self.kafka_controller_ports),
+                  "CASSANDRA_HOSTS": len(self.cassandra_hosts),
+                  "CASSANDRA_DATACENTERS": len(self.cassandra_datacenters)}
+        if len(set(counts.values())) != 1 or min(counts.values()) < 1:
+            raise ValueError(f"STREAMSCORE_STACK__CLUSTER__*: every list needs one entry per node, got {counts}")
+        return self
+
+
 class StackSettings(_Strict):
     dir: Path | None = None
     """Where the local stack keeps data, logs and pids; None: ``.stack/`` at the root of the checkout the stack
@@ -220,6 +289,8 @@ class StackSettings(_Strict):
     """The secured profile: Cassandra with PasswordAuthenticator and CassandraAuthorizer (superuser
     ``cassandra``/``cassandra``, as Cassandra makes it), and Kafka with a SCRAM-SHA-512 listener on
     ``kafka_sasl_port`` (user ``streamscore``), for least-privilege and bad-credential tests."""
+    cluster: StackClusterSettings = Field(default_factory=StackClusterSettings)
+    """The cluster profile (``stack up --cluster``; ``STREAMSCORE_STACK__CLUSTER__*``)."""
 
 
 class WorkerSettings(_Strict):
@@ -444,14 +515,20 @@ def settings_table() -> str:
     """Every setting as a markdown table (variable, default, meaning from its docstring), in declaration order:
     README.md holds it between ``TABLE_BEGIN`` and ``TABLE_END`` (a test fails when they differ)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    rows.extend(_section_rows("STREAMSCORE_", Settings.model_fields))
+    return "\n".join(rows) + "\n"
+
+
+def _section_rows(prefix: str, fields: dict[str, Any]) -> list[str]:
+    """A section's rows, a nested section's (``STREAMSCORE_STACK__CLUSTER__*``) in its place."""
+    rows = []
+    for name, field in fields.items():
         section = field.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
-            rows.extend(_table_row(f"STREAMSCORE_{name.upper()}__{inner.upper()}", inner_field)
-                        for inner, inner_field in section.model_fields.items())
+            rows.extend(_section_rows(f"{prefix}{name.upper()}__", section.model_fields))
         else:
-            rows.append(_table_row(f"STREAMSCORE_{name.upper()}", field))
-    return "\n".join(rows) + "\n"
+            rows.append(_table_row(f"{prefix}{name.upper()}", field))
+    return rows
 
 
 def _table_row(variable: str, field: Any) -> str:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from streamscore.featurestore.cassandra import connect
+from streamscore.featurestore.replication import create_keyspace_cql
 from streamscore.settings import Settings, get_settings
 from streamscore.streams.clock import now_ms
 
@@ -261,8 +262,7 @@ def table_of(settings: Settings) -> str:
 
 def ensure_table(session: Any, settings: Settings) -> None:
     cassandra = settings.cassandra
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {cassandra.keyspace} WITH replication = "
-                    f"{{'class': 'SimpleStrategy', 'replication_factor': {cassandra.replication_factor}}}")
+    session.execute(create_keyspace_cql(cassandra))
     session.execute(
         f"CREATE TABLE IF NOT EXISTS {table_of(settings)} (id text, model text, version text, logged_ms bigint, "
         "received_ms bigint, debug boolean, entities map<text, text>, input_names list<text>, "

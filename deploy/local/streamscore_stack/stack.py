@@ -256,9 +256,9 @@ def _belongs_to_stack(pid: int, stack_dir: Path) -> bool:
     return str(stack_dir) in cmdline or cwd == stack_dir or stack_dir in cwd.parents
 
 
-def _port_is_open(port: int) -> bool:
+def _port_is_open(port: int, host: str = HOST) -> bool:
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -312,6 +312,8 @@ class _Server(ABC):
     log_name: str
     typical_start_s: float
     """Seconds from launch to answering on this 2-core machine; only orders the starts."""
+    host: str = HOST
+    """The loopback address the server binds (the cluster's Cassandra nodes each have one of their own)."""
 
     def __init__(self, context: _Context) -> None:
         self.context = context
@@ -334,7 +336,7 @@ class _Server(ABC):
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @abstractmethod
     def prepare(self, echo: Callable[[str], None]) -> None:
@@ -576,10 +578,10 @@ class _Cassandra(_Server):
         from cassandra.policies import WhiteListRoundRobinPolicy
 
         profile = ExecutionProfile(
-            load_balancing_policy=WhiteListRoundRobinPolicy([HOST]), request_timeout=PROBE_TIMEOUT_S
+            load_balancing_policy=WhiteListRoundRobinPolicy([self.host]), request_timeout=PROBE_TIMEOUT_S
         )
         cluster = Cluster(
-            [HOST],
+            [self.host],
             port=self.port,
             protocol_version=ProtocolVersion.V5,
             # the secured profile: the superuser Cassandra makes at its first start
@@ -750,9 +752,9 @@ class Stack:
 
     def _check_ports_free(self, server: _Server) -> None:
         for port in server.ports:
-            if _port_is_open(port):
+            if _port_is_open(port, server.host):
                 raise StackError(
-                    f"cannot start {server.name}: port {port} on {HOST} is taken by a process this stack "
+                    f"cannot start {server.name}: port {port} on {server.host} is taken by a process this stack "
                     f"did not start (see `ss -ltnp 'sport = :{port}'`); stop it, or move the stack with "
                     "STREAMSCORE_STACK__* port settings"
                 )
@@ -766,7 +768,7 @@ class Stack:
         deadline = since + self.settings.start_timeout_s
         last_error = "its port never opened"
         while pid is not None and _is_alive(pid):
-            if _port_is_open(server.port):
+            if _port_is_open(server.port, server.host):
                 try:
                     version = server.probe()
                 except Exception as error:
