@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -19,15 +21,22 @@ def test_the_readme_table_is_the_generated_one() -> None:
         "README.md's settings table is out of date: run `.venv/bin/streamscore settings --write README.md`")
 
 
+def _leaves(prefix: str, fields: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    for name, field in fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            yield from _leaves(f"{prefix}{name.upper()}__", section.model_fields)
+        else:
+            yield f"{prefix}{name.upper()}", field
+
+
 def test_every_setting_is_documented_and_listed() -> None:
     table = settings_table()
-    for name, field in Settings.model_fields.items():
-        section = field.annotation
-        fields = section.model_fields if isinstance(section, type) and issubclass(section, BaseModel) else {"": field}
-        for inner, inner_field in fields.items():
-            variable = f"STREAMSCORE_{name.upper()}" + (f"__{inner.upper()}" if inner else "")
-            assert inner_field.description, f"{variable} has no docstring"
-            assert f"| `{variable}` |" in table
+    leaves = list(_leaves("STREAMSCORE_", Settings.model_fields))
+    for variable, field in leaves:
+        assert field.description, f"{variable} has no docstring"
+        assert f"| `{variable}` |" in table
+    assert "STREAMSCORE_STACK__CLUSTER__KAFKA_PORTS" in dict(leaves), "a nested section's settings are listed"
     for tls in ("KAFKA__SSL_CAFILE", "KAFKA__SSL_CERTFILE", "CASSANDRA__SSL_KEYFILE", "REDIS__SSL_CAFILE",
                 "REDIS__PASSWORD_FILE", "KAFKA__SASL_PASSWORD_FILE"):
         assert f"`STREAMSCORE_{tls}`" in table
