@@ -2,7 +2,7 @@
 # Every target runs from the repository root; tests/unit/test_makefile_targets.py dry-runs each one and runs
 # the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
 # `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`.
-.PHONY: bootstrap demo demo-lifecycle test lint lint-chart stack-up stack-down bench-fastpath bench soak
+.PHONY: bootstrap demo demo-lifecycle test lint lint-chart stack-up stack-down bench-fastpath bench soak soak-cluster
 
 ARGS ?=
 
@@ -44,3 +44,8 @@ bench: bootstrap
 
 soak: bootstrap
 	.venv/bin/pytest -m soak tests/reliability -p no:cacheprovider
+
+# The failover scenarios on the cluster profile (three Kafka and three Cassandra nodes, `stack up --cluster`,
+# started if needed: ~5.7 GB, ~3 min); not run by CI. Rows go to bench/results/reliability_cluster.{json,md}.
+soak-cluster: bootstrap
+	.venv/bin/pytest -m "cluster and soak" tests/reliability/test_cluster.py -p no:cacheprovider

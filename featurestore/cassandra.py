@@ -31,6 +31,10 @@ from .views import FeatureView
 
 log = logging.getLogger(__name__)
 
+SCHEMA_TIMEOUT_S = 30.0
+"""A schema change is answered once the nodes agree on it: on a loaded multi-node cluster that takes seconds,
+longer than a feature read may (``request_timeout_s``)."""
+
 
 def _ssl_context(settings: CassandraSettings) -> ssl.SSLContext | None:
     if settings.ssl_cafile is None and settings.ssl_certfile is None:
@@ -222,12 +226,12 @@ class CassandraStore(OnlineStore):
             # keyspace made by an administrator (with NetworkTopologyStrategy, say) is left as it is
             assert self._cluster is not None
             if keyspace not in self._cluster.metadata.keyspaces:
-                self.session.execute(replication.create_keyspace_cql(self.settings))
+                self.session.execute(replication.create_keyspace_cql(self.settings), timeout=SCHEMA_TIMEOUT_S)
             for view in self.views.values():
                 columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
                 self.session.execute(
                     f"CREATE TABLE IF NOT EXISTS {keyspace}.{view.table} "
-                    f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)"
+                    f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)", timeout=SCHEMA_TIMEOUT_S
                 )
         except Unauthorized as exc:
             user = repr(self.settings.username) if self.settings.username else "this role"

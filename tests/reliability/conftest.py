@@ -17,7 +17,19 @@ import pytest
 
 from streamscore_stack import Stack, StackError
 
-from .harness import SHARED, Endpoints, Library, PrivateStack, Scenario, Tally, build_library, fill_store, write_report
+from .harness import (
+    CLUSTER,
+    SHARED,
+    Endpoints,
+    Library,
+    PrivateStack,
+    Scenario,
+    Tally,
+    TestCluster,
+    build_library,
+    fill_store,
+    write_report,
+)
 
 HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "bench" / "results"
@@ -25,11 +37,15 @@ RESULTS = HERE.parents[1] / "bench" / "results"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     soak_selected = "soak" in (config.getoption("markexpr") or "")
+    cluster_selected = "cluster" in (config.getoption("markexpr") or "")
     for item in items:
         if HERE not in item.path.parents:
             continue
         item.add_marker(pytest.mark.reliability)
-        if item.get_closest_marker("soak") and not soak_selected:
+        if item.get_closest_marker("cluster") and not cluster_selected:
+            item.add_marker(pytest.mark.skip(reason="needs the cluster profile: `make soak-cluster` runs the long "
+                                                    "ones, `pytest -m 'cluster and not soak'` the short one"))
+        elif item.get_closest_marker("soak") and not soak_selected:
             item.add_marker(pytest.mark.skip(reason="long soak: `make soak` runs it (pytest -m soak)"))
 
 
@@ -89,6 +105,24 @@ def private_stack(library: Library) -> Iterator[PrivateStack]:
 
 
 @pytest.fixture(scope="session")
+def cluster(library: Library) -> Iterator[TestCluster]:
+    """The cluster profile (``.stack-cluster/``), started if it is not running (about three minutes) and then
+    left as it was found; the library's rows written into its Cassandra (replication factor 3, QUORUM)."""
+    stack = TestCluster()
+    was_up = all(status.up for status in stack.status())
+    try:
+        try:
+            stack.up()
+        except StackError as error:
+            pytest.fail(f"the cluster profile could not start:\n{error}", pytrace=False)
+        asyncio.run(fill_store(library, CLUSTER))
+        yield stack
+    finally:
+        if not was_up:
+            stack.down()
+
+
+@pytest.fixture(scope="session")
 def soak_report() -> Callable[[Tally], None]:
     """Records a soak scenario's row and rewrites the report files at once (a later failure keeps it)."""
     rows: dict[str, dict[str, Any]] = {}
@@ -96,5 +130,26 @@ def soak_report() -> Callable[[Tally], None]:
     def record(result: Tally) -> None:
         rows[result.scenario] = result.row()
         write_report(rows, RESULTS)
+
+    return record
+
+
+CLUSTER_COLUMNS = ("degraded", "p99_before_ms", "p99_during_ms", "max_during_ms")
+
+
+@pytest.fixture(scope="session")
+def cluster_report() -> Callable[[Tally], None]:
+    """Records a cluster scenario's row into bench/results/reliability_cluster.{json,md}, keeping the rows of
+    the scenarios this session did not run."""
+    import json
+
+    path = RESULTS / "reliability_cluster.json"
+    rows: dict[str, dict[str, Any]] = json.loads(path.read_text())["scenarios"] if path.is_file() else {}
+
+    def record(result: Tally) -> None:
+        rows[result.scenario] = result.row()
+        write_report(rows, RESULTS, name="reliability_cluster", extra_columns=CLUSTER_COLUMNS,
+                     title="Failover on the cluster profile",
+                     command="`make soak-cluster` (tests/reliability/test_cluster.py, `pytest -m 'cluster and soak'`)")
 
     return record

@@ -56,7 +56,7 @@ from streamscore.streams.wire import (
     HEADER_REQUEST_ID,
     headers_dict,
 )
-from streamscore_stack import Stack
+from streamscore_stack import ClusterStack, Stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fraud"
@@ -82,6 +82,11 @@ class Endpoints:
     cassandra_port: int = 9042
     redis_port: int = 6379
     redis_password: str | None = None
+    cassandra_hosts: tuple[str, ...] = ()
+    """Contact points (empty: the settings' default, 127.0.0.1)."""
+    replication: int = 1
+    """Replication factor of the scenario's topics and keyspace; above 1, Cassandra is read and written at
+    QUORUM and the worker creates its topics with that factor too."""
 
     def env(self) -> dict[str, str]:
         env = {
@@ -91,6 +96,14 @@ class Endpoints:
         }
         if self.redis_password is not None:
             env["STREAMSCORE_REDIS__PASSWORD"] = self.redis_password
+        if self.cassandra_hosts:
+            env["STREAMSCORE_CASSANDRA__HOSTS"] = json.dumps(list(self.cassandra_hosts))
+        if self.replication > 1:
+            env.update({"STREAMSCORE_CASSANDRA__REPLICATION_FACTOR": str(self.replication),
+                        "STREAMSCORE_CASSANDRA__READ_CONSISTENCY": "QUORUM",
+                        "STREAMSCORE_CASSANDRA__WRITE_CONSISTENCY": "QUORUM"})
+            env["STREAMSCORE_KAFKA__TOPIC_REPLICATION_FACTOR"] = str(self.replication)
+            env["STREAMSCORE_KAFKA__TOPIC_MIN_INSYNC_REPLICAS"] = str(self.replication - 1)
         return env
 
 
@@ -100,6 +113,12 @@ PRIVATE_STACK = StackSettings(
 )
 """The private stack the scenarios that stop servers use; the shared one in ``.stack/`` is never stopped."""
 PRIVATE = Endpoints(f"{HOST}:{PRIVATE_STACK.kafka_port}", PRIVATE_STACK.cassandra_port, PRIVATE_STACK.redis_port)
+CLUSTER_SETTINGS = Settings().stack.cluster
+"""The cluster profile (``stack up --cluster``, ``.stack-cluster/``; ``STREAMSCORE_STACK__CLUSTER__*``) the
+cluster scenarios run against."""
+CLUSTER = Endpoints(",".join(f"{HOST}:{port}" for port in CLUSTER_SETTINGS.kafka_ports),
+                    CLUSTER_SETTINGS.cassandra_port, CLUSTER_SETTINGS.redis_port,
+                    cassandra_hosts=tuple(CLUSTER_SETTINGS.cassandra_hosts), replication=3)
 SHARED = Endpoints()
 
 
@@ -227,9 +246,11 @@ class Scenario:
         admin = AIOKafkaAdminClient(**client_kwargs(self.settings.kafka))
         await admin.start()
         try:
-            wanted = [NewTopic(self.requests_topic, PARTITIONS, 1, topic_configs=request_topic_config or {}),
-                      NewTopic(self.predictions_topic, PARTITIONS, 1), NewTopic(self.dlq_topic, PARTITIONS, 1),
-                      *(NewTopic(name, 1, 1) for name in extra_topics)]
+            factor = self.endpoints.replication
+            wanted = [NewTopic(self.requests_topic, PARTITIONS, factor, topic_configs=request_topic_config or {}),
+                      NewTopic(self.predictions_topic, PARTITIONS, factor),
+                      NewTopic(self.dlq_topic, PARTITIONS, factor),
+                      *(NewTopic(name, 1, factor) for name in extra_topics)]
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
         finally:
@@ -427,6 +448,8 @@ class Load:
         self.resent = 0
         self.sent_ids: set[str] = set()
         self.attempted_ids: set[str] = set()
+        self.sent_at: dict[str, float] = {}
+        """Wall-clock time each id was first handed to the producer (latency = arrival - this)."""
 
     async def send_all(self, messages: Iterable[Message]) -> None:
         producer = AIOKafkaProducer(**client_kwargs(self.settings.kafka), acks="all", enable_idempotence=True,
@@ -451,6 +474,9 @@ class Load:
     async def _deliver(self, producer: AIOKafkaProducer, message: Message) -> None:
         self.attempted += 1
         self.attempted_ids.update(message.ids)
+        at = time.time()
+        for request_id in message.ids:
+            self.sent_at.setdefault(request_id, at)
         for attempt in range(100):
             try:
                 await (await producer.send(self.topic, message.value, key=message.key))
@@ -494,6 +520,8 @@ class Collector:
         self.first: dict[str, dict[str, Any]] = {}
         """The first prediction of each id, without its outputs (status, version, degraded)."""
         self.letters: list[Letter] = []
+        self.arrived: dict[str, float] = {}
+        """Wall-clock time the first prediction of each id was read."""
         self._task: asyncio.Task | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -533,6 +561,7 @@ class Collector:
         request_id = prediction["id"]
         self.counts[request_id] += 1
         if request_id not in self.first:
+            self.arrived[request_id] = time.time()
             self.first[request_id] = {"status": prediction["status"], "version": prediction["version"],
                                       "degraded": tuple(prediction["degraded"]), "topic": topic}
 
@@ -666,6 +695,33 @@ class PrivateStack(Stack):
             time.sleep(0.1)
 
 
+class TestCluster(ClusterStack):
+    """The cluster profile (``.stack-cluster/``) as the cluster scenarios drive it: a node killed by its
+    recorded pid, stopped gracefully, started again through ``up()``."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        # the environment's stack settings: its jar cache (STREAMSCORE_STACK__CACHE_DIR) and cluster profile
+        super().__init__(Settings().stack, echo=lambda line: None)
+
+    def pid_of(self, name: str) -> int:
+        (status,) = [status for status in self.status() if status.name == name]
+        assert status.up and status.pid, f"cluster node {name} is not running: {status.detail}"
+        return status.pid
+
+    def kill(self, name: str, signum: signal.Signals = signal.SIGKILL, timeout: float = 90.0) -> None:
+        """Signal one node by its recorded pid and wait until it is gone (SIGKILL after ``timeout``)."""
+        pid = self.pid_of(name)
+        os.kill(pid, signum)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+            time.sleep(0.1)
+
+
 def _pid_alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -786,16 +842,18 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 # ----------------------------------------------------------------------------------------------- report
 
 
-def write_report(rows: dict[str, dict[str, Any]], folder: Path, generated: str | None = None) -> tuple[Path, Path]:
-    """bench/results/reliability.json and reliability.md: one row per scenario."""
+def write_report(rows: dict[str, dict[str, Any]], folder: Path, generated: str | None = None,
+                 name: str = "reliability", extra_columns: Sequence[str] = (), title: str = "Reliability soak",
+                 command: str = "`make soak` (tests/reliability, `pytest -m soak`)") -> tuple[Path, Path]:
+    """bench/results/<name>.json and <name>.md (reliability: the soak): one row per scenario."""
     folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = folder / "reliability.json", folder / "reliability.md"
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
     document = {"generated": generated or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                 "cpus": os.cpu_count(), "scenarios": rows}
     json_path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-    columns = ["sent", "answered", "duplicated", "lost", "dead_lettered", "unexpected", "seconds"]
-    lines = ["# Reliability soak", "", f"Generated {document['generated']} on {document['host']} "
-             f"({document['cpus']} CPUs) by `make soak` (tests/reliability, `pytest -m soak`).", "",
+    columns = ["sent", "answered", "duplicated", "lost", "dead_lettered", "unexpected", *extra_columns, "seconds"]
+    lines = [f"# {title}", "", f"Generated {document['generated']} on {document['host']} "
+             f"({document['cpus']} CPUs) by {command}.", "",
              "`sent`: units that must each get exactly one outcome (a request id: one prediction; a bad message "
              "or bad array element: one dead letter). `answered`: distinct ids with a prediction. `duplicated`: "
              "predictions beyond the first per id (and dead letters beyond one per bad unit). `lost`: sent, with "
