@@ -146,7 +146,11 @@ class Client:
         replies = await self._reply_listener()
         waiter = replies.expect(str(request["id"]))
         try:
-            await self.produce(model, {**request, "reply_to": replies.topic})
+            delivered = await self.send(model, {**request, "reply_to": replies.topic})
+            # one request waiting for its answer: sent at once, not after the producer's linger (which
+            # produce_many keeps, to fill producer batches)
+            await self.producer.flush()
+            await delivered
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             raise PredictTimeout(f"no prediction for request {request['id']!r} of model {model!r} within "
