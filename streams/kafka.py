@@ -28,6 +28,11 @@ def connection_problem(settings: KafkaSettings, error: BaseException, detail: st
         return (f"Kafka at {settings.bootstrap} refused the SASL credentials of user {settings.sasl_username!r} "
                 f"({reason}): check STREAMSCORE_KAFKA__SASL_USERNAME, STREAMSCORE_KAFKA__SASL_PASSWORD (or "
                 f"__SASL_PASSWORD_FILE) and __SASL_MECHANISM ({settings.sasl_mechanism})")
+    if detail is not None and ("CERTIFICATE_VERIFY_FAILED" in detail or "SSL:" in detail):
+        reason = " ".join(detail.split(": ", 1)[-1].split())
+        return (f"Kafka at {settings.bootstrap} and this client did not agree on TLS ({reason}): check "
+                "STREAMSCORE_KAFKA__SSL_CAFILE (the CA that signed the brokers' certificates) and __SSL_CERTFILE / "
+                "__SSL_KEYFILE (a client certificate, where the brokers ask for one)")
     if detail is not None:
         said = f"{said}; {' '.join(detail.split())}"
     hosts = [host.strip() for host in settings.bootstrap.split(",") if host.strip()]

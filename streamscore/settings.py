@@ -271,6 +271,9 @@ class StackSettings(_Strict):
     """KRaft controller port on 127.0.0.1."""
     kafka_sasl_port: int = 9094
     """The secured profile's SASL_PLAINTEXT (SCRAM-SHA-512) listener on 127.0.0.1."""
+    kafka_sasl_ssl_port: int = 9095
+    """The secured profile's SASL_SSL (SCRAM-SHA-512 over TLS) listener on 127.0.0.1; its CA: ``conf/kafka/tls/ca.pem``
+    in the stack's folder."""
     cassandra_port: int = 9042
     """Cassandra CQL port on 127.0.0.1."""
     cassandra_storage_port: int = 7000

@@ -14,7 +14,8 @@ from .stack import (
     ServerStatus,
     Stack,
     StackError,
+    kafka_tls_dir,
 )
 
 __all__ = ["CHECKOUT", "DEPLOY_DIR", "HOST", "SECURED_CASSANDRA_SUPERUSER", "SECURED_KAFKA_USER",
-           "ClusterStack", "ServerStatus", "Stack", "StackError"]
+           "ClusterStack", "ServerStatus", "Stack", "StackError", "kafka_tls_dir"]

@@ -399,7 +399,8 @@ class _Kafka(_Server):
     @property
     def ports(self) -> list[int]:
         settings = self.context.settings
-        return [self.port, settings.kafka_controller_port, *([settings.kafka_sasl_port] if settings.secured else [])]
+        secured = [settings.kafka_sasl_port, settings.kafka_sasl_ssl_port] if settings.secured else []
+        return [self.port, settings.kafka_controller_port, *secured]
 
     @property
     def heap_mb(self) -> int:
@@ -415,13 +416,38 @@ class _Kafka(_Server):
                 "kafka_port": settings.kafka_port,
                 "kafka_controller_port": settings.kafka_controller_port,
                 "kafka_data_dir": self.data_dir,
-                "kafka_sasl_listener": f",SASL_PLAINTEXT://127.0.0.1:{settings.kafka_sasl_port}" if settings.secured
-                else "",
+                "kafka_sasl_listener": f",SASL_PLAINTEXT://127.0.0.1:{settings.kafka_sasl_port},"
+                f"SASL_SSL://127.0.0.1:{settings.kafka_sasl_ssl_port}" if settings.secured else "",
+                "kafka_tls_config": self.make_certificates() if settings.secured else "",
             },
         )
         self.copy_conf(DEPLOY_DIR / "kafka" / "log4j2.xml")
         if not self.is_formatted():
             self.format_storage(echo)
+
+    def make_certificates(self) -> str:
+        """The secured profile's TLS: a CA and a broker certificate for 127.0.0.1 it signed (openssl, once), and
+        the broker's PEM keystore settings."""
+        folder = kafka_tls_dir(self.context.stack_dir)
+        keystore = folder / "broker-keystore.pem"
+        if not keystore.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+            steps = [
+                ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=streamscore stack CA",
+                 "-keyout", "ca.key", "-out", "ca.pem"],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "broker.key",
+                 "-out", "broker.csr"],
+                ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "30", "-extfile", "san.ext", "-out", "broker.pem"],
+                ["pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8"],
+            ]
+            for step in steps:
+                done = subprocess.run(["openssl", *step], cwd=folder, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise StackError(f"making the secured profile's certificates failed: {done.stderr.strip()}")
+            keystore.write_text((folder / "broker.pk8").read_text() + (folder / "broker.pem").read_text())
+        return f"ssl.keystore.type=PEM\nssl.keystore.location={keystore}"
 
     def is_formatted(self) -> bool:
         return (self.data_dir / "meta.properties").is_file()
@@ -484,6 +510,11 @@ class _Kafka(_Server):
         if brokers == 0:
             raise RuntimeError("metadata lists no broker yet (still unfencing)")
         return self.context.jars.kafka_version() or "unknown"
+
+
+def kafka_tls_dir(stack_dir: Path) -> Path:
+    """Where the secured profile keeps its Kafka CA (``ca.pem``, what a client's ``ssl_cafile`` names)."""
+    return stack_dir / "conf" / "kafka" / "tls"
 
 
 def _new_kafka_cluster_id() -> str:
