@@ -254,10 +254,14 @@ async def _until_led(admin: AIOKafkaAdminClient, names: Sequence[str], timeout_s
 
 
 async def partitions_of(settings: Settings, topic: str) -> list[int]:
-    """Partition numbers of an existing topic (empty when it does not exist)."""
+    """Partition numbers of an existing topic (empty when it does not exist). Never creates it: a metadata
+    request that names a missing topic makes a broker with ``auto.create.topics.enable`` create it, with its
+    default partitions and no compaction, so the listing is asked first."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
+        if topic not in await admin.list_topics():
+            return []
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()
@@ -266,17 +270,8 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
 
 
 async def partition_count(settings: Settings, topic: str) -> int:
-    """Partitions of ``topic``, 0 when it does not exist. Unlike ``partitions_of``, never creates it: a broker with
-    ``auto.create.topics.enable`` creates a topic that a metadata request names, with its default partitions."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        if topic not in await admin.list_topics():
-            return 0
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return sum(len(entry["partitions"]) for entry in described if entry.get("error_code") == 0)
+    """Partitions of ``topic``, 0 when it does not exist (never creating it, as ``partitions_of``)."""
+    return len(await partitions_of(settings, topic))
 
 
 async def tail_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:

@@ -32,10 +32,10 @@ from typing import Any
 import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from streamscore.settings import Settings
 from streamscore.streams import topics
+from streamscore.streams.client import partitions_of
 from streamscore.streams.kafka import client_kwargs
 
 LABEL_OUTPUTS = frozenset({"label", "decision"})
@@ -320,14 +320,7 @@ async def read_shadow(settings: Settings, model: str, v1: str, v2: str, max_reco
     its end offset taken at the start, at most ``max_records`` of them. Raises ``CompareError`` when the topic
     does not exist, and ``TimeoutError`` when Kafka stops delivering short of the end."""
     topic = topics.shadow(settings.topic_prefix, model)
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    numbers = sorted(p["partition"] for entry in described if entry.get("error_code") == 0
-                     for p in entry["partitions"])
+    numbers = await partitions_of(settings, topic)  # never creates the topic by asking about it
     if not numbers:
         raise CompareError(f"no shadow records for {model} (no topic {topic}): deploy a shadow with "
                            f"`streamscore models shadow {model} V` first")
