@@ -204,7 +204,7 @@ class ClusterStack(Stack):
         kafka: list[_Server] = [_KafkaNode(context, index) for index in range(1, count + 1)]
         cassandra: list[_Server] = [_CassandraNode(context, index)
                                     for index in range(1, len(self.cluster.cassandra_hosts) + 1)]
-        kinds = {"kafka": kafka, "cassandra": cassandra, "redis": [_ClusterRedis(context)]}
+        kinds: dict[str, list[_Server]] = {"kafka": kafka, "cassandra": cassandra, "redis": [_ClusterRedis(context)]}
         # STREAMSCORE_STACK__SERVERS picks kinds here too: a Cassandra-only cluster, say
         return [server for kind, servers in kinds.items() if kind in self.settings.servers for server in servers]
 
