@@ -310,8 +310,20 @@ class WorkerSettings(_Strict):
     """Batches fetched but not yet acknowledged and committed; bounds memory and repeats after a crash."""
     partitions: int = 4
     """Partitions created for request topics the worker creates."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """ONNX Runtime device: auto uses CUDA when a GPU is present and onnxruntime has the CUDA provider."""
+    device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    """ONNX Runtime device. ``auto``: CUDA when it is usable here (driver, GPU, CUDA runtime and cuDNN found),
+    else the CPU, saying which in the log, /status and /metrics. ``cuda``: the GPU is required; a worker that
+    cannot have it refuses to start, naming what is missing (``pip install 'streamscore[gpu]'`` brings the CUDA
+    and cuDNN libraries). ``tensorrt``: as ``cuda``, with ONNX Runtime's TensorRT provider in front (TensorRT 10
+    installed apart). ``cpu``: the CPU provider only; CUDA is never touched."""
+    gpu_id: int = Field(default=0, ge=0)
+    """CUDA device ordinal the worker runs on (with ``device`` auto, cuda or tensorrt)."""
+    device_batch_rows: int = Field(default=0, ge=0)
+    """Most rows per runtime call on a GPU: a bigger batch is split into chunks of this many rows (its
+    predictions are the same). 0: one call per batch. Does not change the Kafka batch (``batch_max``)."""
+    tensorrt_cache_dir: Path | None = None
+    """With ``device=tensorrt``: the folder where TensorRT engines (and timing caches) are kept, so that a
+    restarted worker does not build them again (minutes for a big model). None: rebuilt at every start."""
     intra_op_threads: int = 1
     """ONNX Runtime intra-op threads (one process per core)."""
     worker_id: str | None = None

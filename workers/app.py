@@ -33,6 +33,7 @@ from streamscore.streams.records import Inbound, Outbound
 from streamscore.streams.watchdog import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED, Watchdog, hard_exit
 from streamscore.workers.metrics import WorkerMetrics
 
+from . import devices
 from .deadletters import DeadLetters
 from .deployments import Follower, read_deployment
 from .drift import Drift
@@ -140,6 +141,7 @@ class ModelScorer:
     def report_model(self) -> None:
         model = self.pipeline.model
         self.metrics.serve_model(model.name, model.version, model.manifest.sha256, model.provider)
+        self.metrics.serve_provider(model.name, model.version, model.provider, model.device_note)
 
     async def look_for_new_version(self, settings: Settings, views: dict[str, FeatureView]) -> None:
         """Load what the worker should serve if it is not what it serves: the deployment's production version
@@ -351,6 +353,7 @@ def create_app(settings: Settings, model_names: Sequence[str], watchdog: Watchdo
     """Build the worker app: load the views and models, connect the feature store, compose one pipeline per
     model (built-in stages, the manifest's stages, then ``customize``), declare one agent per model and the
     batch delivery that feeds them (watched by ``watchdog`` when given)."""
+    devices.preflight(settings.worker)  # a device asked for and missing stops the worker before it connects
     import_stage_modules(settings.worker.stage_modules)
     views = load_views(settings.views_file)
     store = FeatureStore(settings, views)
@@ -575,7 +578,8 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: Fe
                                 "dead_lettered": agent.dead_lettered, "batches": agent.batches,
                                 "model_version": agent.pipeline.model.version,
                                 "artifact_sha256": agent.pipeline.model.manifest.sha256,
-                                "provider": agent.pipeline.model.provider, "last_timings_us": agent.last_timings,
+                                "provider": agent.pipeline.model.provider,
+                                "device": agent.pipeline.model.device_note, "last_timings_us": agent.last_timings,
                                 "stages": agent.pipeline.stage_names, "version_refused": agent.refusal,
                                 "feature_store": _store_counters(agent.pipeline.store)}
                          for name, agent in agents.items()})

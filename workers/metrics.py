@@ -60,6 +60,11 @@ class WorkerMetrics:
         self.consumer_lag = Gauge("streamscore_consumer_lag", "Messages of an assigned request partition not yet "
                                   "committed by the worker group (end offset less committed offset)",
                                   ["topic", "partition"], registry=self.registry)
+        self.model_provider = Gauge("streamscore_model_provider", "Execution provider a model version runs on "
+                                    "(value 1), and why (device: the worker.device note, e.g. why not CUDA)",
+                                    ["model", "version", "provider", "device"], registry=self.registry)
+        self._provider_labels: dict[str, tuple[str, ...]] = {}
+
         self.answered_by_source = Counter("streamscore_answered", "Requests answered (a prediction of any status), by "
                                           "where they came from: kafka or http", ["model", "source"],
                                           registry=self.registry)
@@ -116,6 +121,14 @@ class WorkerMetrics:
     def serve_model(self, model: str, version: str, sha256: str, provider: str) -> None:
         self.model_version.clear()
         self.model_version.labels(model, version, sha256, provider).set(1)
+
+    def serve_provider(self, model: str, version: str, provider: str, note: str) -> None:
+        labels = (model, version, provider, note)
+        previous = self._provider_labels.get(model)
+        if previous is not None and previous != labels:
+            self.model_provider.remove(*previous)
+        self._provider_labels[model] = labels
+        self.model_provider.labels(*labels).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,15 +8,18 @@ exactly one output row came back per input row. The manifest names its runtime (
 the default), looked up in ``RUNTIMES``: a runtime of your own is a subclass plus an entry there, and the
 pipeline does not change. ``tests/contract/test_model_runtime.py`` checks every registered runtime.
 
-ONNX Runtime: the CUDA provider is used when a GPU is present (and the installed onnxruntime has it); the CPU
-provider otherwise. Threads are set for one worker process per core. A warm-up run at load makes the first real
-batch as fast as the rest and fails a broken model before it takes traffic.
+ONNX Runtime: the providers follow ``worker.device`` (``devices.py``: ``auto`` CUDA when usable else the CPU,
+``cuda``/``tensorrt`` required, ``cpu`` only the CPU). On the CPU a batch is one ``session.run``, as before. On a
+GPU the batch is bound once per call with IOBinding (the input copied to the device once, the outputs bound to
+host memory, so ONNX Runtime copies each back once, straight into the arrays returned), in chunks of at most
+``worker.device_batch_rows`` rows. Threads are set for one worker process per core. A warm-up run at load (on
+the device the session runs on, at the device chunk size when one is set) makes the first real batch as fast
+as the rest and fails a broken model before it takes traffic.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,12 +32,13 @@ from streamscore.fastpath import DecodeSpec
 from streamscore.featurestore.views import FeatureView
 from streamscore.settings import WorkerSettings
 
+from . import devices
 from .library import MANIFEST, Manifest, ModelError, read_manifest, verified_artifact, version_dir
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+CUDA = devices.CUDA
+CPU = devices.CPU
 
 WARM_UP_ROWS = 8
 
@@ -47,6 +51,9 @@ class ModelRuntime(ABC):
     """Its name in ``RUNTIMES`` and in a manifest's ``runtime`` field."""
     options: ClassVar[frozenset[str]] = frozenset()
     """The keys of a manifest's ``runtime_options`` this runtime takes; any other is refused at load."""
+    device_note: str = ""
+    """Which device it runs on and why (e.g. ``device=auto: CUDA not usable here, lacking ...; on the CPU``):
+    in the log and at /status."""
 
     def __init__(self, manifest: Manifest, artifact: Path, views: Mapping[str, FeatureView]) -> None:
         self.manifest = manifest
@@ -110,22 +117,6 @@ class ModelRuntime(ABC):
                              f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
 
 
-def gpu_present() -> bool:
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-
-
-def choose_providers(device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return [CPU]
-    if device == "cuda":
-        if CUDA not in available:
-            raise ModelError(f"device=cuda asked for, but this onnxruntime has only {available}: "
-                             "install onnxruntime-gpu with a matching CUDA")
-        return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available and gpu_present() else [CPU]
-
-
 def _session_options(settings: WorkerSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
@@ -144,29 +135,66 @@ class OnnxRuntime(ModelRuntime):
     runtime = "onnxruntime"
 
     def __init__(self, manifest: Manifest, artifact: Path, views: Mapping[str, FeatureView],
-                 session: ort.InferenceSession) -> None:
+                 session: ort.InferenceSession, *, device_note: str = "device=cpu", device_batch_rows: int = 0,
+                 bind: bool | None = None) -> None:
         super().__init__(manifest, artifact, views)
         self.session = session
         self.input_name = _input_name(manifest, artifact, session)
+        self.device_note = device_note
+        on_gpu = self.provider != CPU
+        self.bind = on_gpu if bind is None else bind
+        """IOBinding per call (on a GPU); the CPU provider runs ``session.run`` as it always did."""
+        self.chunk_rows = device_batch_rows if on_gpu else 0
+        """Most rows per runtime call (0: the whole batch)."""
 
     @classmethod
     def load(cls, manifest: Manifest, artifact: Path, views: Mapping[str, FeatureView],
              settings: WorkerSettings) -> OnnxRuntime:
+        choice = devices.choose(settings)
         try:
             session = ort.InferenceSession(str(artifact), sess_options=_session_options(settings),
-                                           providers=choose_providers(settings.device))
-        except ModelError:
-            raise
+                                           providers=choice.providers)
         except Exception as exc:  # onnxruntime raises its own types for a file it cannot read as a graph
             raise ModelError(f"onnxruntime cannot open {artifact}: {' '.join(str(exc).split())}") from exc
-        return cls(manifest, artifact, views, session)
+        note = devices.require_provider(settings, choice, list(session.get_providers()), artifact)
+        return cls(manifest, artifact, views, session, device_note=note,
+                   device_batch_rows=settings.device_batch_rows)
 
     @property
     def provider(self) -> str:
         return str(self.session.get_providers()[0])
 
     def infer(self, inputs: np.ndarray, outputs: Sequence[str]) -> Sequence[np.ndarray]:
-        return self.session.run(list(outputs), {self.input_name: inputs})
+        if not self.bind:
+            return self.session.run(list(outputs), {self.input_name: inputs})
+        if not self.chunk_rows or inputs.shape[0] <= self.chunk_rows:
+            return self._bound(inputs, outputs)
+        chunks = [self._bound(inputs[start:start + self.chunk_rows], outputs)
+                  for start in range(0, inputs.shape[0], self.chunk_rows)]
+        return [np.concatenate([chunk[index] for chunk in chunks]) for index in range(len(outputs))]
+
+    def _bound(self, inputs: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """One run through IOBinding: the input copied to the device once, each output bound to host memory."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(inputs, dtype=np.float32))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+    def warm_up(self) -> None:
+        """The base class's warm-up, then (on a GPU, with a chunk size) one run of a full chunk: the device's
+        kernels and memory arena are then ready for the batch size it will see."""
+        super().warm_up()
+        if self.chunk_rows:
+            try:
+                self.run(np.zeros((self.chunk_rows, len(self.columns)), dtype=np.float32))
+            except ModelError:
+                raise
+            except Exception as exc:  # the runtime's own error types: the model cannot be served
+                raise ModelError(f"model {self.name} v{self.version} failed its warm-up run of {self.chunk_rows} "
+                                 f"rows on {self.provider} ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())})") from exc
 
 
 def _input_name(manifest: Manifest, artifact: Path, session: ort.InferenceSession) -> str:
@@ -209,6 +237,6 @@ def load_model(models_dir: Path, name: str, views: Mapping[str, FeatureView], se
     artifact = verified_artifact(folder, manifest)
     runtime = runtime_class.load(manifest, artifact, views, settings)
     runtime.warm_up()
-    log.info("loaded model %s v%s (%s, sha256 %s…) on %s %s", name, manifest.version, artifact,
-             manifest.sha256[:12], manifest.runtime, runtime.provider)
+    log.info("loaded model %s v%s (%s, sha256 %s…) on %s %s (%s)", name, manifest.version, artifact,
+             manifest.sha256[:12], manifest.runtime, runtime.provider, runtime.device_note or runtime.runtime)
     return runtime

@@ -1,5 +1,5 @@
-"""The ONNX Runtime runtime on a tiny model built in the test: on the CPU provider when asked (or when there is
-no GPU), its outputs by the manifest's names and columns, the graph input found or refused, an artifact
+"""The ONNX Runtime runtime on a tiny model built in the test: on the CPU provider when asked (the devices are
+in test_devices.py), its outputs by the manifest's names and columns, the graph input found or refused, an artifact
 onnxruntime cannot open refused as a model error, and the base class's row check."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from streamscore.settings import WorkerSettings
-from streamscore.workers import runtime
 from streamscore.workers.library import MANIFEST, ModelError, read_manifest
-from streamscore.workers.runtime import CPU, RUNTIMES, OnnxRuntime, choose_providers, load_model
+from streamscore.workers.runtime import CPU, RUNTIMES, OnnxRuntime, load_model
 from tests.contract.artifacts import VIEWS, expected, register_onnx
 
 ON_CPU = WorkerSettings(device="cpu")
@@ -34,12 +33,6 @@ def test_the_cpu_provider_runs_when_asked(tmp_path: Path) -> None:
     register_onnx(tmp_path)
     model = load(tmp_path)
     assert model.provider == CPU and model.session.get_providers() == [CPU]
-
-
-def test_auto_picks_the_cpu_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "gpu_present", lambda: False)
-    assert choose_providers("auto") == [CPU]
-    assert choose_providers("cpu") == [CPU]
 
 
 def test_the_outputs_are_the_manifest_names_and_columns(tmp_path: Path) -> None:
