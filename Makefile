@@ -1,10 +1,12 @@
 # The two commands of the README are `make demo` and `make test`; each bootstraps what it needs.
 # Every target runs from the repository root; tests/unit/test_makefile_targets.py dry-runs each one and runs
 # the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
-# `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`.
+# `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`. `make bench` first runs the heavy-model bench
+# (bench/heavy_model.py), which takes HEAVY_ARGS, e.g. HEAVY_ARGS="--quick --out /tmp/heavy".
 .PHONY: bootstrap demo demo-lifecycle test lint lint-chart stack-up stack-down bench-fastpath bench soak soak-cluster
 
 ARGS ?=
+HEAVY_ARGS ?=
 
 bootstrap:
 	scripts/bootstrap
@@ -40,6 +42,7 @@ bench-fastpath: bootstrap
 	.venv/bin/python -m streamscore_bench.fastpath_bench $(ARGS)
 
 bench: bootstrap
+	.venv/bin/python -m streamscore_bench.heavy_model $(HEAVY_ARGS)
 	.venv/bin/streamscore bench $(ARGS)
 
 soak: bootstrap

@@ -317,6 +317,16 @@ def test_metrics_and_status_are_served(deployment: Deployment) -> None:
     assert any(line.startswith("streamscore_model_info{") and 'version="1"' in line for line in lines)
     assert "streamscore_stage_seconds_bucket" in metrics and "streamscore_cache_hits" in metrics
     assert status["fraud"]["answered"] > 0 and status["fraud"]["model_version"] == "1"
+    # device=auto (the default): the provider and why, the same at /status and /metrics
+    from streamscore.workers.devices import cuda_check
+
+    served = status["fraud"]
+    assert served["provider"] == ("CPUExecutionProvider" if cuda_check() else "CUDAExecutionProvider")
+    assert served["device"].startswith("device=auto")
+    assert ("CUDA not usable here" in served["device"]) == bool(cuda_check())
+    provider = [line for line in lines if line.startswith("streamscore_model_provider{")]
+    assert len(provider) == 1 and f'provider="{served["provider"]}"' in provider[0]
+    assert f'device="{served["device"]}"' in provider[0]
 
 
 def _served_version(deployment: Deployment) -> str:
