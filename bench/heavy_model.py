@@ -127,6 +127,7 @@ async def _drain_through_worker(bench: Any, config: Config) -> dict[str, Any]:
     from .processes import Processes, python_module
 
     with Processes(bench.scratch, dict(os.environ)) as processes:
+        bench.processes = processes
         try:
             await bench.setup()
             variant = bench.variant(f"{STREAMSCORE}_{config.device}", features=True)
@@ -143,7 +144,8 @@ async def _drain_through_worker(bench: Any, config: Config) -> dict[str, Any]:
             await bench.cleanup()
 
 
-def end_to_end(source: Path, config: Config, requests: int, echo: Callable[[str], None]) -> dict[str, Any]:
+def end_to_end(source: Path, config: Config, requests: int, echo: Callable[[str], None], *, quick: bool = False
+               ) -> dict[str, Any]:
     """Requests/s of a worker serving ``source`` (as ``fraud``) on ``config``, through the real stack."""
     from streamscore_stack import Stack, StackError
 
@@ -154,7 +156,7 @@ def end_to_end(source: Path, config: Config, requests: int, echo: Callable[[str]
         stack = Stack(settings.stack, echo=echo).ensure_up()
     except StackError as exc:
         raise BenchFailed(str(exc)) from exc
-    plan = dataclasses.replace(make_plan(False, requests), n_train=2_000, max_iter=1)
+    plan = make_plan(quick, requests)
     scratch = Path(tempfile.mkdtemp(prefix="streamscore-heavy-"))
     bench = Bench(settings, plan, scratch, echo, {server.name: server.pid for server in stack if server.pid})
     bench.register_model = _as_fraud(source)
@@ -242,7 +244,7 @@ def run(models_dir: Path, args: argparse.Namespace, chosen: list[Config], traine
             if config.threads != 1 and config.device == "cpu":
                 continue  # a worker runs one intra-op thread per process
             source = version_dir(models_dir, DEEP_MODEL_NAME)
-            result = end_to_end(source, config, args.requests, print)
+            result = end_to_end(source, config, args.requests, print, quick=args.quick)
             alone = next(row for row in table if row["model"] == DEEP_MODEL_NAME and row["config"] == config.label)
             result["runtime_rows_per_s"] = alone["rows_per_s"][4096]
             result["ratio"] = round(result["eps"] / result["runtime_rows_per_s"], 3)
