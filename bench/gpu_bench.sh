@@ -9,7 +9,8 @@
 #    model, and (unless E2E=0, or when the local stack cannot start) a worker serving the heavy model end to end
 #    on each device with the ratio end-to-end / runtime alone: bench/results/heavy_model_gpu.{json,md,png}.
 #
-# Environment: OUT (results folder, default bench/results), E2E (1 default, 0 to skip the worker runs),
+# Environment: OUT (results folder, default bench/results), E2E (1 default, 0 to skip the worker runs), INSTALL
+# (1 default, 0: never pip install),
 # REQUESTS (backlog of each end-to-end run, default 60000), DEVICE_BATCH_ROWS (default 4096).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ py=.venv/bin/python
 say "1/4 the machine"
 {
     date -u +%Y-%m-%dT%H:%M:%SZ
-    nvidia-smi || echo "nvidia-smi: not found"
+    nvidia-smi 2>/dev/null || echo "nvidia-smi: not found"
     grep -m1 "model name" /proc/cpuinfo || true
     echo "CPUs: $(nproc)"
 } > "$out/gpu_machine.txt"
@@ -32,7 +33,7 @@ cat "$out/gpu_machine.txt" >&2
 
 usable() { "$py" -c 'from streamscore.workers.devices import cuda_check, refusal; m = cuda_check(); m and print(refusal("cuda", m)); raise SystemExit(1 if m else 0)'; }
 say "2/4 the CUDA runtime and cuDNN ([gpu] extra)"
-if ! usable >/dev/null; then
+if ! usable >/dev/null && [ "${INSTALL:-1}" = 1 ]; then
     .venv/bin/pip install -q --no-build-isolation -e ".[gpu]" || say "pip install -e '.[gpu]' failed (offline?)"
 fi
 if ! reason=$(usable); then
