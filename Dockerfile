@@ -1,11 +1,12 @@
 # The streamscore worker image (also runs every other `streamscore` command).
 #
 #   docker build -t streamscore .                                          # CPU (python:3.11-slim)
-#   docker build -t streamscore:cuda \
-#     --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 .      # NVIDIA GPUs: CUDA + cuDNN base
+#   docker build -t streamscore:cuda --build-arg EXTRAS=gpu .              # NVIDIA GPUs (run with --gpus all)
 #
-# onnxruntime-gpu (a dependency in pyproject.toml) runs on CPU too; on the CUDA base it finds the CUDA libraries
-# and STREAMSCORE_WORKER__DEVICE=auto uses the GPU. The compiled fast path is built in the build stage (a compile
+# onnxruntime-gpu (a dependency in pyproject.toml) runs on CPU too. The CUDA variant adds the [gpu] extra: the
+# CUDA 13 runtime and cuDNN 9 wheels onnxruntime-gpu's CUDA provider loads (so no CUDA base image is needed, and
+# none whose CUDA major differs from onnxruntime-gpu's can be picked by mistake); the driver comes from the host
+# (NVIDIA Container Toolkit), and STREAMSCORE_WORKER__DEVICE=auto uses the GPU (cuda: requires it). The compiled fast path is built in the build stage (a compile
 # failure fails the build: there is no silent pure-Python image). The image runs as a non-root user and writes
 # only to STREAMSCORE_DATA_DIR (/data): the root file system can be mounted read-only.
 # tests/unit/test_dockerfile.py holds these steps to pyproject.toml (no container engine runs in CI).
@@ -40,8 +41,10 @@ COPY deploy/local/streamscore_stack/ deploy/local/streamscore_stack/
 COPY examples/ examples/
 COPY bench/ bench/
 # The project and its dependencies as pyproject.toml declares them, with [batch] for `streamscore score` (the
-# chart's batch-scoring CronJob); the fast path is compiled here
+# chart's batch-scoring CronJob); the fast path is compiled here. EXTRAS: more extras, e.g. gpu (the CUDA variant)
+ARG EXTRAS=""
 RUN /opt/streamscore/bin/pip install --no-cache-dir ".[batch]" \
+    && if [ -n "$EXTRAS" ]; then /opt/streamscore/bin/pip install --no-cache-dir ".[batch,$EXTRAS]"; fi \
     && /opt/streamscore/bin/python -c "import streamscore.fastpath._fast"
 
 FROM python AS runtime
