@@ -41,7 +41,6 @@ from streamscore.featurestore.views import load_views
 from streamscore.settings import Settings
 from streamscore.streams import topics
 from streamscore.streams.client import ensure_topics
-from streamscore.workers.library import Manifest
 from streamscore_examples.fraud.data import write_views
 from streamscore_examples.fraud.model import build_and_register
 
@@ -163,9 +162,6 @@ class Bench:
         self.workload: Workload | None = None
         self.rows: BenchRows | None = None
         self.results: dict[str, Any] = {"runs": {}, "latency": []}
-        self.register_model: Callable[[Path], Manifest] = lambda models_dir: build_and_register(
-            models_dir, n_train=plan.n_train, max_iter=plan.max_iter)[0]
-        """Trains and registers what the workers serve as ``fraud`` (the heavy-model bench puts its own there)."""
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -173,7 +169,7 @@ class Bench:
         started = time.monotonic()
         write_views(self.base.views_file)
         self.views = load_views(self.base.views_file)
-        manifest = self.register_model(self.base.models_dir)
+        manifest, _ = build_and_register(self.base.models_dir, n_train=self.plan.n_train, max_iter=self.plan.max_iter)
         self.results["model"] = {"name": manifest.name, "version": manifest.version,
                                  "sha256": manifest.sha256, "summary": manifest.description.summary}
         self.workload = Workload(self.plan.pool_size)

@@ -20,5 +20,6 @@ def test_quick_run_through_a_worker_reports_the_ratio(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "heavy_model.json").read_text())
     [run] = report["end_to_end"]
     assert run["config"] == "cpu 1 thread" and run["answered"] == run["requests"] == 1024
+    assert run["served"]["name"] == "fraud" and run["served"]["sha256"] == report["models"]["fraud-deep"]["sha256"]
     assert run["ratio"] == pytest.approx(run["eps"] / run["runtime_rows_per_s"], abs=1e-3)
     assert "| cpu 1 thread |" in (tmp_path / "heavy_model.md").read_text()
