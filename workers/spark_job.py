@@ -8,10 +8,10 @@ told apart, and nullable integer columns turn into floats; the two pandas conver
 
 The driver reads the requests (``spark.read.parquet``: a file or a folder, local or on any file system Spark
 reads), checks their columns, learns the output schema from the pipeline itself (``BatchScorer.probe_schema``),
-and ships the model version's folder to the executors with ``SparkContext.addFile`` (each executor checks the
-artifact's sha256 again when it loads it). Each Python worker of an executor then keeps one ``BatchScorer``
-for the job: one feature-store connection (a Cassandra session and a Redis client), one event loop, one loaded
-model, reused by every partition it runs. A partition's rows arrive as Arrow batches of
+and ships the model version's folder to the executors as a zip with ``SparkContext.addArchive`` (each
+executor checks the artifact's sha256 again when it loads it). Each Python worker of an executor then keeps one
+``BatchScorer`` for the job: one feature-store connection (a Cassandra session and a Redis client), one event
+loop, one loaded model, reused by every partition it runs. A partition's rows arrive as Arrow batches of
 ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows; each is scored in pipeline batches of
 ``STREAMSCORE_BATCH__CHUNK_ROWS`` (one Redis MGET, one concurrent round of Cassandra reads for the misses, one
 assembly, one ONNX Runtime call each).
@@ -80,7 +80,7 @@ class SparkJob:
     model: str
     version: str
     staged: str
-    """Name under SparkFiles of the folder holding ``<model>/<version>/``: a models_dir of one version."""
+    """Name under SparkFiles of the unpacked archive holding ``<model>/<version>/``: a models_dir of one version."""
     schema: bytes
     """The scorer's output Arrow schema (serialized; ``public`` of it is the written one)."""
     to_topic: bool
@@ -186,11 +186,9 @@ def run_spark(settings: Settings, model_name: str, input_path: str, output_path:
     staging = Path(tempfile.mkdtemp(prefix="streamscore-model-"))
     try:
         job_id = uuid.uuid4().hex[:12]
-        staged = staging / f"models-{job_id}"
-        shutil.copytree(version_dir(settings.models_dir, model.name, model.version),
-                        staged / model.name / model.version)
-        session.sparkContext.addFile(str(staged), recursive=True)
-        job = SparkJob(job_id, settings, dict(views), model.name, model.version, staged.name,
+        archive = _model_archive(settings, model.name, model.version, staging / f"models-{job_id}")
+        session.sparkContext.addArchive(str(archive))
+        job = SparkJob(job_id, settings, dict(views), model.name, model.version, archive.name,
                        schema.serialize().to_pybytes(), to_topic)
         counting = time.monotonic()
         summary.rows = requests.count()
@@ -232,6 +230,14 @@ def failure_line(exc: BaseException) -> str:
     if python or named:
         return (python or named)[-1][:500]
     return (lines or [type(exc).__name__])[0][:500]
+
+
+def _model_archive(settings: Settings, model: str, version: str, base: Path) -> Path:
+    """A zip of ``<model>/<version>/`` (the version folder: artifact and manifest), for ``addArchive``: on a cluster
+    Spark ships files and archives, not folders; each executor unpacks it once."""
+    folder = base.with_name(base.name + "-tree")
+    shutil.copytree(version_dir(settings.models_dir, model, version), folder / model / version)
+    return Path(shutil.make_archive(str(base), "zip", root_dir=folder))
 
 
 def _read_requests(session: SparkSession, input_path: str) -> DataFrame:
