@@ -64,6 +64,7 @@ class WorkerMetrics:
                                     "(value 1), and why (device: the worker.device note, e.g. why not CUDA)",
                                     ["model", "version", "provider", "device"], registry=self.registry)
         self._provider_labels: dict[str, tuple[str, ...]] = {}
+        self._served_labels: dict[str, tuple[str, str, str, str]] = {}
 
         self.answered_by_source = Counter("streamscore_answered", "Requests answered (a prediction of any status), by "
                                           "where they came from: kafka or http", ["model", "source"],
@@ -119,7 +120,11 @@ class WorkerMetrics:
             self.stage_seconds.labels(model, stage).observe(micros / 1e6)
 
     def serve_model(self, model: str, version: str, sha256: str, provider: str) -> None:
-        self.model_version.clear()
+        """One series per model (a worker serving several models shows each)."""
+        previous = self._served_labels.pop(model, None)
+        if previous is not None:
+            self.model_version.remove(*previous)
+        self._served_labels[model] = (model, version, sha256, provider)
         self.model_version.labels(model, version, sha256, provider).set(1)
 
     def serve_provider(self, model: str, version: str, provider: str, note: str) -> None:

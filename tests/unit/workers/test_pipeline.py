@@ -295,3 +295,16 @@ def test_metrics_split_predictions_latency_and_errors_by_version() -> None:
     assert 'streamscore_version_inference_failures_total{model="m",version="2"} 1.0' in text
     assert 'streamscore_version_inference_seconds_count{model="m",version="1"} 1.0' in text
     assert 'streamscore_version_batch_seconds_count{model="m",version="2"} 1.0' in text
+
+
+def test_model_info_keeps_one_series_per_model() -> None:
+    from streamscore.workers.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.serve_model("a", "1", "aa", "CPUExecutionProvider")
+    metrics.serve_model("b", "3", "bb", "CPUExecutionProvider")
+    metrics.serve_model("a", "2", "cc", "CPUExecutionProvider")
+    lines = [line for line in metrics.render().decode().splitlines() if line.startswith("streamscore_model_info{")]
+    assert len(lines) == 2
+    assert any('model="a"' in line and 'version="2"' in line for line in lines)
+    assert any('model="b"' in line and 'version="3"' in line for line in lines)
