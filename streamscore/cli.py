@@ -864,6 +864,16 @@ def features_init() -> None:
         store = FeatureStore(settings, views, use_cache=False)
         store.connect(create_schema=True)
         store.online.close()
+        if settings.online_store == "cassandra" and settings.prediction_log.enabled:
+            from streamscore.featurestore.cassandra import connect
+            from streamscore.workers.predlog import ensure_table, table_of
+
+            cluster, session = connect(settings.cassandra)
+            try:
+                ensure_table(session, settings)
+            finally:
+                cluster.shutdown()
+            click.echo(f"prediction log table {table_of(settings)} in place", err=True)
     except (FeatureStoreUnavailable, ViewsError) as exc:
         raise click.ClickException(str(exc)) from exc
     where = f"keyspace {settings.cassandra.keyspace}" if settings.online_store == "cassandra" else settings.online_store

@@ -261,8 +261,14 @@ def table_of(settings: Settings) -> str:
 
 
 def ensure_table(session: Any, settings: Settings) -> None:
+    """Create the table (and the keyspace) only where missing: a worker whose role may only SELECT and MODIFY
+    (the schema made by ``streamscore features init``) runs no DDL at all."""
     cassandra = settings.cassandra
-    session.execute(create_keyspace_cql(cassandra))
+    keyspace = session.cluster.metadata.keyspaces.get(cassandra.keyspace)
+    if keyspace is not None and settings.prediction_log.table in keyspace.tables:
+        return
+    if keyspace is None:
+        session.execute(create_keyspace_cql(cassandra))
     session.execute(
         f"CREATE TABLE IF NOT EXISTS {table_of(settings)} (id text, model text, version text, logged_ms bigint, "
         "received_ms bigint, debug boolean, entities map<text, text>, input_names list<text>, "

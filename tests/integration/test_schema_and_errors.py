@@ -60,6 +60,9 @@ def test_only_features_init_creates_the_schema(fresh_keyspace: dict[str, str], c
     made = _invoke(env, "features", "init")
     assert made.exit_code == 0, made.output
     assert f"keyspace {keyspace}" in made.output and CARD_VIEW in made.output
+    assert f"prediction log table {keyspace}.prediction_log in place" in made.output  # the worker then runs no DDL
+    assert "prediction_log" in {row[0] for row in cassandra_session.execute(
+        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,))}
     assert _invoke(env, "features", "put", CARD_VIEW, input=put).exit_code == 0
     again = _invoke(env, "features", "init")  # running it again keeps the rows
     assert again.exit_code == 0, again.output
