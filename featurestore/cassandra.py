@@ -231,7 +231,9 @@ class CassandraStore(OnlineStore):
                 columns = ", ".join(f"{feature.name} {feature.cql_type}" for feature in view.features)
                 self.session.execute(
                     f"CREATE TABLE IF NOT EXISTS {keyspace}.{view.table} "
-                    f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)", timeout=SCHEMA_TIMEOUT_S
+                    f"(entity text PRIMARY KEY, {columns}, event_ts_ms bigint)"
+                    f"{replication.table_options(self.settings)}",
+                    timeout=SCHEMA_TIMEOUT_S,
                 )
         except Unauthorized as exc:
             user = repr(self.settings.username) if self.settings.username else "this role"

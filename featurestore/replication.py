@@ -3,7 +3,8 @@
 - ``keyspace_replication``: the ``replication`` map of ``CREATE KEYSPACE`` (SimpleStrategy with one factor, or
   NetworkTopologyStrategy with a factor per datacenter);
 - ``load_balancing``: token-aware routing over the local datacenter's nodes (``local_dc``), or over every node;
-- ``read_consistency`` / ``write_consistency``: the driver's ``ConsistencyLevel`` of each.
+- ``read_consistency`` / ``write_consistency``: the driver's ``ConsistencyLevel`` of each;
+- ``table_options``: the feature tables' ``speculative_retry``.
 
 Kept apart from the store so the mapping is tested without a cluster (tests/unit/featurestore/test_replication.py)
 and the prediction log creates its keyspace the same way.
@@ -35,6 +36,13 @@ def create_keyspace_cql(settings: CassandraSettings) -> str:
     return f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} WITH replication = {replication_cql(settings)}"
 
 
+def table_options(settings: CassandraSettings) -> str:
+    """The ``WITH ...`` of the feature tables' ``CREATE TABLE`` (empty: Cassandra's defaults)."""
+    if settings.speculative_retry is None:
+        return ""
+    return f" WITH speculative_retry = '{settings.speculative_retry}'"
+
+
 def load_balancing(settings: CassandraSettings) -> LoadBalancingPolicy:
     """Token-aware (a single-key query goes to a replica of its key; an ``IN`` over many keys to the child's
     pick) over the local datacenter only when ``local_dc`` is set (no remote host is ever used: a region reads
@@ -56,4 +64,4 @@ def write_consistency(settings: CassandraSettings) -> int:
 
 
 __all__ = ["create_keyspace_cql", "keyspace_replication", "load_balancing", "read_consistency",
-           "replication_cql", "write_consistency"]
+           "replication_cql", "table_options", "write_consistency"]

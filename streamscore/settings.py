@@ -125,6 +125,12 @@ class CassandraSettings(_Strict):
     write_consistency: Literal["ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_ONE", "LOCAL_QUORUM",
                                "EACH_QUORUM"] = "LOCAL_ONE"
     """Consistency level of feature writes (``features load``, the demo)."""
+    speculative_retry: str | None = Field(default=None,
+                                          pattern=r"(?i)^(ALWAYS|NEVER|NONE|\d+(\.\d+)?(ms|p|PERCENTILE))$")
+    """``speculative_retry`` of the feature tables streamscore creates (existing tables are left as they are):
+    how long a coordinator waits for a replica before it asks another. None keeps Cassandra's ``99p``, which
+    under load can exceed ``request_timeout_s``: a replica that just died then fails reads until the others
+    notice (seconds). A fixed ``50ms`` asks the third replica of a QUORUM read that soon."""
     local_dc: str | None = None
     """Datacenter this process is in: the driver then sends every query to that datacenter's nodes only
     (DCAwareRoundRobinPolicy, token-aware), and ``LOCAL_*`` levels count that datacenter's replicas. None:

@@ -65,9 +65,16 @@ def test_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
      "not one of the keyspace's datacenters"),
     ({"read_consistency": "ANY"}, "read_consistency"),
     ({"replication_factor": 0}, "replication_factor"),
+    ({"speculative_retry": "50ms'; DROP KEYSPACE x; --"}, "speculative_retry"),
 ])
 def test_unusable_replication_settings_are_refused_in_one_line(fields: dict, says: str) -> None:
     with pytest.raises(ValidationError) as refused:
         CassandraSettings(**fields)
 
     assert says in str(refused.value)
+
+
+def test_speculative_retry_becomes_a_table_option() -> None:
+    assert replication.table_options(CassandraSettings()) == ""
+    assert replication.table_options(CassandraSettings(speculative_retry="50ms")) == " WITH speculative_retry = '50ms'"
+    assert replication.table_options(CassandraSettings(speculative_retry="99p")) == " WITH speculative_retry = '99p'"
