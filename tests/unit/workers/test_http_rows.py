@@ -114,3 +114,13 @@ def test_a_mixed_batch_answers_http_rows_and_leaves_kafkas_messages_to_publish()
         assert broken.answers[b"h-3.0"][0] == "dead_letter" and broken.answers[b"h-3.0"][1][0] == "undecodable"
 
     asyncio.run(scenario())
+
+
+def test_the_deadline_comes_from_the_parameter_or_the_header() -> None:
+    tensors = {"card_id": ("BYTES", [1], ["c"]), "amount": ("FP32", [1], [1.0])}
+    with_parameter = json.loads(_body(**tensors)) | {"parameters": {"deadline_ms": 1234}}
+    assert parse_infer(json.dumps(with_parameter).encode(), None, SPEC, 4, "99").deadline_ms == 1234
+    assert parse_infer(_body(**tensors), None, SPEC, 4, "99").deadline_ms == 99
+    assert parse_infer(_body(**tensors), None, SPEC, 4).deadline_ms is None
+    with pytest.raises(ProtocolError, match="Streamscore-Deadline-Ms 'soon' is not an integer"):
+        parse_infer(_body(**tensors), None, SPEC, 4, "soon")
