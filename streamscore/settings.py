@@ -466,7 +466,10 @@ class MonitoringSettings(_Strict):
     tick_s: float = Field(default=1.0, gt=0)
     """How often the monitor expires join state, closes windows and publishes their reports."""
     web_port: int = 6067
-    """Port of the monitor's web server on 127.0.0.1 (``/metrics``, ``/status``)."""
+    """Port of the monitor's web server (``/metrics``, ``/status``)."""
+    web_bind: str = "127.0.0.1"
+    """Address the monitor's web server listens on: loopback by default; ``0.0.0.0`` in a container, so that
+    Prometheus reaches its ``/metrics``."""
 
 
 class BatchSettings(_Strict):

@@ -515,8 +515,8 @@ def create_monitor_app(settings: Settings, model: str, on_alert: Iterable[AlertH
         topic_replication_factor=1,
         table_standby_replicas=0,
         web_port=settings.monitoring.web_port,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
+        web_bind=settings.monitoring.web_bind,
+        web_host="127.0.0.1" if settings.monitoring.web_bind in ("0.0.0.0", "::") else settings.monitoring.web_bind,
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
     )

@@ -79,6 +79,12 @@ def test_the_monitor_and_the_batch_scoring_cronjob_run_their_commands() -> None:
     rendered = _render("models={fraud,churn}", "batchScoring.enabled=true", "batchScoring.model=churn")
     monitors = [doc for (kind, name), doc in rendered.items() if kind == "Deployment" and "-monitor-" in name]
     assert sorted(doc["spec"]["template"]["spec"]["containers"][0]["args"][2] for doc in monitors) == ["churn", "fraud"]
+    for monitor in monitors:  # Prometheus scrapes its /metrics on the port it listens on
+        pod = monitor["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == env["STREAMSCORE_MONITORING__WEB_PORT"] == \
+            str(container["ports"][0]["containerPort"]) == "6067"
     cron = rendered[("CronJob", "streamscore-streamscore-score")]["spec"]
     args = cron["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["score", "--model", "churn"] and "--input" in args and "--output" in args

@@ -1,11 +1,10 @@
 """The laptop compose file, checked without a container engine: against the compose-spec schema (the one
-check-jsonschema vendors), and against the project: settings that exist, the worker's port scraped by Prometheus,
-a dashboard whose queries name metrics the worker serves."""
+check-jsonschema vendors), and against the project: settings that exist, the worker's port scraped by Prometheus.
+The dashboard it provisions is checked by tests/unit/test_dashboard.py."""
 
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,11 +56,15 @@ def test_the_worker_settings_are_settings_and_prometheus_scrapes_its_web_port(mo
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"worker:{settings.worker.web_port}"]
 
 
-def test_the_dashboard_queries_metrics_the_worker_serves() -> None:
-    dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "streamscore.json").read_text())
-    served = "".join((Path(__file__).parents[2] / "workers" / name).read_text() for name in ("metrics.py", "app.py"))
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            for metric in re.findall(r"streamscore_\w+", target["expr"]):
-                base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
-                assert f'"{base}"' in served, f"panel {panel['title']!r} queries {metric}, which no worker serves"
+
+def test_the_monitor_listens_beyond_loopback_and_prometheus_scrapes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor = _compose()["services"]["monitor"]
+    for name, value in monitor["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    settings = Settings()
+    assert monitor["command"][0] == "monitor" and settings.monitoring.web_bind == "0.0.0.0"
+    assert monitor["read_only"] is True and "/data" in monitor["tmpfs"]  # the image's working directory
+    scrape = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text())
+    targets = [target for job in scrape["scrape_configs"] for config in job["static_configs"]
+               for target in config["targets"]]
+    assert f"monitor:{settings.monitoring.web_port}" in targets

@@ -77,5 +77,6 @@ def test_the_runtime_runs_as_a_user_and_writes_only_to_the_data_volume(monkeypat
             monkeypatch.setenv(name, value)
     settings = Settings()
     assert str(settings.data_dir) == env["STREAMSCORE_DATA_DIR"] and settings.worker.web_bind == "0.0.0.0"
+    assert settings.monitoring.web_bind == "0.0.0.0"  # scraped from outside its container too
     assert ("COPY", "--from=build /opt/streamscore /opt/streamscore") in runtime  # no compiler in the image
     assert not any("gcc" in rest for keyword, rest in runtime if keyword == "RUN")
