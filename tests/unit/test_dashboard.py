@@ -1,7 +1,8 @@
 """The Grafana dashboard (deploy/compose/grafana/dashboards/streamscore.json), checked against what the code
 exports: every metric a panel's PromQL names is one a registry built by the real classes collects (the worker's
-registry with the stages that register metrics in it, the values read at scrape time, and the monitor's), and
-every metric those registries collect is on the dashboard. Also that the JSON is a dashboard Grafana loads:
+registry with the stages that register metrics in it, the values read at scrape time, and the monitor's), every
+label a query matches, groups by or shows is one of its metrics' labels, and every metric those registries
+collect is on the dashboard. Also that the JSON is a dashboard Grafana loads:
 uid, title, schemaVersion, and panels with a datasource, targets and a place on the grid."""
 
 from __future__ import annotations
@@ -111,17 +112,36 @@ def dashboard() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def served() -> dict[str, str]:
+def registries() -> list[CollectorRegistry]:
     loop = asyncio.new_event_loop()  # the Faust app and the delivery service want a loop of their own
     asyncio.set_event_loop(loop)
     sockets: list[socket.socket] = []
     try:
-        return {**exported(worker_registry(sockets)), **exported(MonitorMetrics().registry)}
+        return [worker_registry(sockets), MonitorMetrics().registry]
     finally:
         for sock in sockets:
             sock.close()
         asyncio.set_event_loop(None)
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def served(registries: list[CollectorRegistry]) -> dict[str, str]:
+    return {name: family for registry in registries for name, family in exported(registry).items()}
+
+
+@pytest.fixture(scope="module")
+def labels(registries: list[CollectorRegistry], served: dict[str, str]) -> dict[str, set[str]]:
+    """Sample name -> its label names. Only the metric objects know them before a first sample is made:
+    prometheus_client keeps each collector with the sample names it serves in ``_collector_to_names`` (the
+    values read at scrape time are not there: they have no labels)."""
+    found: dict[str, set[str]] = {name: set() for name in served}
+    for registry in registries:
+        for collector, names in registry._collector_to_names.items():
+            for name in names:
+                found[name] = set(getattr(collector, "_labelnames", ())) | ({"le"} if name.endswith("_bucket") else
+                                                                             set())
+    return found
 
 
 def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
@@ -191,3 +211,22 @@ def test_the_dashboard_is_grafana_json(dashboard: dict[str, Any]) -> None:
         assert len(set(refs)) == len(refs), f"panel {panel['title']!r}: refIds repeated"
         for target in panel["targets"]:
             assert target["expr"].strip() and target["datasource"] == panel["datasource"]
+
+
+def test_every_label_a_query_matches_groups_or_shows_is_one_its_metrics_have(
+        dashboard: dict[str, Any], labels: dict[str, set[str]]) -> None:
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', target["expr"])
+            names = metrics_of(expr)
+            have = set().union(*(labels[name] for name in names))
+            for metric, matchers in re.findall(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}", expr):
+                matched = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
+                assert matched <= labels[metric], f"panel {panel['title']!r}: {metric} has no label " \
+                                                  f"{sorted(matched - labels[metric])}"
+            grouped = {label.strip() for listed in re.findall(
+                r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr)
+                for label in listed.split(",") if label.strip()}
+            shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert grouped | shown <= have, f"panel {panel['title']!r}: no metric of {sorted(names)} has the " \
+                                            f"labels {sorted((grouped | shown) - have)}"
