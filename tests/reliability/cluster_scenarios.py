@@ -10,8 +10,9 @@ two workers of one group:
   one's partitions are fully in sync again.
 
 Each returns a ``Tally`` whose notes carry ``degraded`` (answers with a degraded feature, goal 0 with RF 3 and
-quorum), ``p99_before_ms`` / ``p99_during_ms`` (request to prediction, for requests sent before the failure and
-during its window) and ``max_during_ms``.
+quorum), ``p50/p99_before_ms`` and ``p50/p99_during_ms`` (request sent to prediction read, for the requests sent
+in the ``BEFORE_S`` seconds before the failure and during its window: from the kill until the node is back and,
+for brokers, every partition in sync again) and ``max_during_ms``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from streamscore.streams.kafka import client_kwargs
 
 from .harness import Collector, Load, Scenario, Tally, TestCluster, request_messages, tally, wait_for
 from .scenarios import _finish, in_flight_bound, streaming
+
+BEFORE_S = 15.0
+"""The latency before a failure is that of the requests sent in the last this many seconds before it."""
 
 
 async def _metadata(scenario: Scenario) -> Any:
@@ -87,6 +91,7 @@ def latency_notes(load: Load, collector: Collector, windows: dict[str, tuple[flo
         latencies = np.array([collector.arrived[request_id] - sent for request_id, sent in load.sent_at.items()
                               if start <= sent < end and request_id in collector.arrived]) * 1000
         if latencies.size:
+            notes[f"p50_{name}_ms"] = round(float(np.percentile(latencies, 50)), 1)
             notes[f"p99_{name}_ms"] = round(float(np.percentile(latencies, 99)), 1)
             notes[f"max_{name}_ms"] = round(float(latencies.max()), 1)
             notes[f"n_{name}"] = int(latencies.size)
@@ -119,9 +124,9 @@ async def _stream_with(scenario: Scenario, count: int, rate: float, seed: int,
         for worker in workers:
             assert worker.alive, f"worker died:\n{worker.log_tail()}"
     result = tally(scenario.name, collector, load.sent_ids, load.attempted_ids, seconds=time.monotonic() - started)
-    first_sent = min(load.sent_at.values())
-    notes.update(latency_notes(load, collector, {"before": (first_sent, min(before_start, window[0])),
-                                                 "during": window}))
+    # before: the steady stream just before the failure (the workers' first seconds, caches cold, are left out)
+    before_end = min(before_start, window[0])
+    notes.update(latency_notes(load, collector, {"before": (before_end - BEFORE_S, before_end), "during": window}))
     result.notes.update(degraded=degraded(collector), repeat_bound=in_flight_bound(scenario, 2), **notes)
     return result
 

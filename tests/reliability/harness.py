@@ -87,6 +87,8 @@ class Endpoints:
     replication: int = 1
     """Replication factor of the scenario's topics and keyspace; above 1, Cassandra is read and written at
     QUORUM and the worker creates its topics with that factor too."""
+    speculative_retry: str | None = None
+    """The feature tables' ``speculative_retry`` (None: Cassandra's 99p)."""
 
     def env(self) -> dict[str, str]:
         env = {
@@ -104,6 +106,8 @@ class Endpoints:
                         "STREAMSCORE_CASSANDRA__WRITE_CONSISTENCY": "QUORUM"})
             env["STREAMSCORE_KAFKA__TOPIC_REPLICATION_FACTOR"] = str(self.replication)
             env["STREAMSCORE_KAFKA__TOPIC_MIN_INSYNC_REPLICAS"] = str(self.replication - 1)
+        if self.speculative_retry is not None:
+            env["STREAMSCORE_CASSANDRA__SPECULATIVE_RETRY"] = self.speculative_retry
         return env
 
 
@@ -118,7 +122,7 @@ CLUSTER_SETTINGS = Settings().stack.cluster
 cluster scenarios run against."""
 CLUSTER = Endpoints(",".join(f"{HOST}:{port}" for port in CLUSTER_SETTINGS.kafka_ports),
                     CLUSTER_SETTINGS.cassandra_port, CLUSTER_SETTINGS.redis_port,
-                    cassandra_hosts=tuple(CLUSTER_SETTINGS.cassandra_hosts), replication=3)
+                    cassandra_hosts=tuple(CLUSTER_SETTINGS.cassandra_hosts), replication=3, speculative_retry="50ms")
 SHARED = Endpoints()
 
 

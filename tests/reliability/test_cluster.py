@@ -7,18 +7,29 @@ Marked ``cluster``: skipped unless ``-m`` names it. ``make soak-cluster`` runs t
 soak``) and writes ``bench/results/reliability_cluster.{json,md}``; the short one (``pytest -m 'cluster and not
 soak' tests/reliability``: one broker kill, 2k requests, about a minute once the cluster runs) fits CI's time
 where the cluster profile can run (about 5.7 GB of memory, three minutes to start).
+
+``test_two_datacenters_each_region_reads_its_own_replicas`` (also ``cluster and not soak``) starts three more
+Cassandra nodes as two datacenters (``.stack-cluster-2dc/``, 127.0.0.4-6) and checks that a reader with
+``local_dc`` reads, at LOCAL_QUORUM, through its own datacenter's nodes only.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from streamscore.featurestore.cassandra import CassandraStore
+from streamscore.featurestore.views import parse_views
+from streamscore.settings import CassandraSettings, Settings, StackClusterSettings, StackSettings
+from streamscore_stack import ClusterStack
+
 from .checks import assert_nothing_lost
 from .cluster_scenarios import broker_failover, cassandra_failover, rolling_restart
-from .harness import CLUSTER, Scenario, Tally, TestCluster
+from .harness import CLUSTER, REPO_ROOT, Scenario, Tally, TestCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -41,7 +52,7 @@ def test_cluster_broker_kill_loses_nothing(scenario: Callable[..., Scenario], cl
 def test_soak_cluster_leader_broker_killed(scenario: Callable[..., Scenario], cluster: TestCluster,
                                            cluster_report: Callable[[Tally], None]) -> None:
     result = asyncio.run(broker_failover(scenario("broker_leader_killed", CLUSTER), cluster, count=20_000,
-                                         rate=400))
+                                         rate=200))
     cluster_report(result)
 
     check(result)
@@ -52,7 +63,7 @@ def test_soak_cluster_leader_broker_killed(scenario: Callable[..., Scenario], cl
 def test_soak_cluster_cassandra_node_killed(scenario: Callable[..., Scenario], cluster: TestCluster,
                                             cluster_report: Callable[[Tally], None]) -> None:
     result = asyncio.run(cassandra_failover(scenario("cassandra_node_killed", CLUSTER), cluster, count=20_000,
-                                            rate=400))
+                                            rate=200))
     cluster_report(result)
 
     check(result)
@@ -62,8 +73,75 @@ def test_soak_cluster_cassandra_node_killed(scenario: Callable[..., Scenario], c
 @pytest.mark.timeout(1800)
 def test_soak_cluster_rolling_broker_restart(scenario: Callable[..., Scenario], cluster: TestCluster,
                                              cluster_report: Callable[[Tally], None]) -> None:
-    result = asyncio.run(rolling_restart(scenario("rolling_broker_restart", CLUSTER), cluster, count=40_000,
-                                         rate=400))
+    result = asyncio.run(rolling_restart(scenario("rolling_broker_restart", CLUSTER), cluster, count=30_000,
+                                         rate=200))
     cluster_report(result)
 
     check(result)
+
+
+# ------------------------------------------------------------------------------------------- two datacenters
+
+TWO_DC = StackSettings(servers=["cassandra"], cluster=StackClusterSettings(
+    dir=REPO_ROOT / ".stack-cluster-2dc", cassandra_hosts=["127.0.0.4", "127.0.0.5", "127.0.0.6"],
+    cassandra_port=29043, cassandra_storage_port=27001, cassandra_datacenters=["dc1", "dc1", "dc2"]))
+"""Three Cassandra nodes as two datacenters (two in dc1, one in dc2), on addresses and ports of their own so
+they run beside the cluster profile; only Cassandra (STREAMSCORE_STACK__SERVERS)."""
+
+
+@pytest.fixture(scope="module")
+def two_datacenters() -> Iterator[ClusterStack]:
+    stack = ClusterStack(Settings().stack.model_copy(update={"servers": TWO_DC.servers, "cluster": TWO_DC.cluster}),
+                         echo=lambda line: None)
+    was_up = all(status.up for status in stack.status())
+    try:
+        stack.up()
+        yield stack
+    finally:
+        if not was_up:
+            stack.down()
+
+
+def _coordinators(store: CassandraStore, view: str, keys: list[str]) -> set[str]:
+    """Which node coordinated each single-key read of ``view`` (the driver's choice under the store's policy)."""
+    futures = [store.session.execute_async(store._select[view], (key,)) for key in keys]
+    for future in futures:
+        future.result()
+    return {str(future.coordinator_host) for future in futures}
+
+
+@pytest.mark.timeout(600)
+def test_two_datacenters_each_region_reads_its_own_replicas(two_datacenters: ClusterStack) -> None:
+    hosts = TWO_DC.cluster.cassandra_hosts
+    keyspace = f"two_dc_{uuid.uuid4().hex[:8]}"
+    common = {"hosts": hosts, "port": TWO_DC.cluster.cassandra_port, "keyspace": keyspace,
+              "replication_strategy": "NetworkTopologyStrategy", "datacenters": {"dc1": 2, "dc2": 1},
+              "request_timeout_s": 10.0}
+    views = parse_views({"views": [{"name": "card", "entity": "card_id",
+                                    "features": [{"name": "spend", "type": "float", "default": -1.0}]}]})
+    writer = CassandraStore(CassandraSettings(**common, write_consistency="EACH_QUORUM", local_dc="dc1"), views)
+    writer.connect(create=True)
+    stores = {}
+    try:
+        keys = [f"card-{number}" for number in range(40)]
+        asyncio.run(writer.put("card", [(key, [float(number)], 1_000 + number) for number, key in enumerate(keys)]))
+        for dc in ("dc1", "dc2"):
+            stores[dc] = CassandraStore(CassandraSettings(**common, read_consistency="LOCAL_QUORUM", local_dc=dc),
+                                        views)
+            stores[dc].connect()
+        rows = {dc: asyncio.run(store.get_many([("card", key) for key in keys])) for dc, store in stores.items()}
+        coordinators = {dc: _coordinators(store, "card", keys) for dc, store in stores.items()}
+        replication = writer.session.execute(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,)).one()[0]
+    finally:
+        with contextlib.suppress(Exception):
+            writer.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+        for store in [writer, *stores.values()]:
+            store.close()
+
+    expected = [([float(number)], 1_000 + number) for number in range(40)]
+    assert rows["dc1"] == expected and rows["dc2"] == expected
+    assert replication == {"class": "org.apache.cassandra.locator.NetworkTopologyStrategy", "dc1": "2", "dc2": "1"}
+    port = TWO_DC.cluster.cassandra_port
+    assert coordinators["dc2"] == {f"{hosts[2]}:{port}"}, "a dc2 reader used a node of dc1"
+    assert coordinators["dc1"] <= {f"{hosts[0]}:{port}", f"{hosts[1]}:{port}"}, "a dc1 reader used the dc2 node"
