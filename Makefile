@@ -3,7 +3,7 @@
 # the quick ones. ARGS goes to the benchmark of `make bench` / `make bench-fastpath`, e.g.
 # `make bench-fastpath ARGS="--quick --out /tmp/fastpath"`. `make bench` first runs the heavy-model bench
 # (bench/heavy_model.py), which takes HEAVY_ARGS, e.g. HEAVY_ARGS="--quick --out /tmp/heavy".
-.PHONY: bootstrap demo demo-lifecycle test lint lint-chart stack-up stack-down bench-fastpath bench soak soak-cluster
+.PHONY: bootstrap demo demo-lifecycle demo-drift test lint lint-chart stack-up stack-down bench-fastpath bench soak soak-cluster
 
 ARGS ?=
 HEAVY_ARGS ?=
@@ -16,6 +16,9 @@ demo: bootstrap
 
 demo-lifecycle: bootstrap
 	.venv/bin/streamscore demo --lifecycle $(ARGS)
+
+demo-drift: bootstrap
+	.venv/bin/streamscore demo --drift $(ARGS)
 
 test:
 	scripts/test

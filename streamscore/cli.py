@@ -997,12 +997,23 @@ def _score_once(settings: Settings, model: str, input_path: str, output_path: st
               help="Instead: the model flow on live traffic through two workers: shadow of two cheaper variants "
                    "with their comparison, a canary, promote, rollback, throughput of each version "
                    "(--rate is the live rate; --requests is not used).")
-def demo(count: int, rate: float, lifecycle: bool) -> None:
+@click.option("--drift", is_flag=True,
+              help="Instead: a drift scenario: normal traffic, a population shift, the drift and accuracy alerts, "
+                   "a retrained version in shadow, PSI and AUC over time (--rate is the live rate, default 100; "
+                   "--requests is not used).")
+def demo(count: int, rate: float, lifecycle: bool, drift: bool) -> None:
     """Card-fraud scoring end to end: stack, features, model, worker, 20k requests, checked offline."""
     example = _optional("streamscore_examples.fraud.run", "demo", "demo", DEMO_NEEDS)
     settings = _settings()
     _setup_logging("WARNING")
     try:
+        if drift:
+            _optional("matplotlib", "demo --drift", "bench")
+            from streamscore_examples.fraud.drift import run_drift
+
+            given = click.get_current_context().get_parameter_source("rate") != click.core.ParameterSource.DEFAULT
+            run_drift(settings, rate if given and rate else 100.0, echo=click.echo)
+            return
         if lifecycle:
             _optional("matplotlib", "demo --lifecycle", "bench")
             from streamscore_examples.fraud.lifecycle import run_lifecycle

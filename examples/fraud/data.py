@@ -306,3 +306,64 @@ def generate_transactions(rows: FeatureRows, n: int, seed: int, with_labels: boo
 def labels(transactions: list[Transaction]) -> np.ndarray:
     """The 0/1 labels of labelled transactions, as an int64 array."""
     return np.array([txn["label"] for txn in transactions], dtype=np.int64)
+
+
+# --- a shifted population: the drift demo's new fraud pattern ---------------------------------------------------
+
+SHIFT_TESTING_SHARE = 0.35
+"""Share of the shifted traffic that is card testing: tiny amounts (0.5 to 5), mostly foreign, at any hour."""
+SHIFT_FOREIGN_RATE = 0.6
+"""Share of the card-testing transactions made abroad (the usual traffic: 4%, 12% at online merchants)."""
+SHIFT_OTHER_FOREIGN_RATE = 0.15
+"""Share of the shifted population's other transactions made abroad."""
+
+# The new label model: a card-testing ring. Fraud is now tiny amounts, above all abroad and at online merchants;
+# an amount far above the card's mean, a risky merchant or a chargeback history no longer say fraud (the terms v1
+# leans on), and a tiny amount is what v1 trusts most.
+_SHIFT_INTERCEPT = -4.6
+_SHIFT_WEIGHTS = {
+    "small_amount": 2.8,  # amount under 5
+    "small_foreign": 1.2,  # a tiny amount abroad
+    "is_online": 0.8,
+}
+
+
+def _shifted_terms(features: np.ndarray) -> dict[str, np.ndarray]:
+    column = {name: features[:, i].astype(np.float64) for i, name in enumerate(COLUMNS)}
+    small = (column["amount"] < 5.0).astype(np.float64)
+    return {
+        "small_amount": small,
+        "small_foreign": small * column["is_foreign"],
+        "is_online": column["merchant_stats.is_online"],
+    }
+
+
+def shifted_fraud_logit(features: np.ndarray) -> np.ndarray:
+    """The true log-odds of fraud of the shifted population (``generate_shifted_transactions``)."""
+    terms = _shifted_terms(features)
+    return _SHIFT_INTERCEPT + sum((_SHIFT_WEIGHTS[name] * term for name, term in terms.items()),
+                                  start=np.zeros(features.shape[0]))
+
+
+def generate_shifted_transactions(rows: FeatureRows, n: int, seed: int, with_labels: bool = True, *,
+                                  testing_share: float = SHIFT_TESTING_SHARE) -> list[Transaction]:
+    """``n`` transactions of a shifted population, deterministic in ``seed``: the cards and merchants of
+    ``generate_transactions``, but a share ``testing_share`` of card testing (amounts log-uniform 0.5..5, foreign
+    at ``SHIFT_FOREIGN_RATE``, any hour), the others foreign at ``SHIFT_OTHER_FOREIGN_RATE``; the label is drawn
+    from ``shifted_fraud_logit``."""
+    transactions = generate_transactions(rows, n, seed, with_labels=False)
+    rng = np.random.default_rng([seed, 1])
+    testing = rng.random(n) < testing_share
+    tiny = np.round(np.exp(rng.uniform(np.log(0.5), np.log(5.0), size=n)), 2)
+    foreign = rng.random(n) < np.where(testing, SHIFT_FOREIGN_RATE, SHIFT_OTHER_FOREIGN_RATE)
+    hours = rng.integers(0, 24, size=n).astype(np.float64)
+    label_draw = rng.random(n)
+    for i, txn in enumerate(transactions):
+        if testing[i]:
+            txn["amount"], txn["hour"] = float(tiny[i]), float(hours[i])
+        txn["is_foreign"] = float(foreign[i])
+    if with_labels:
+        probability = 1.0 / (1.0 + np.exp(-shifted_fraud_logit(feature_matrix(transactions, rows))))
+        for txn, is_fraud in zip(transactions, (label_draw < probability).tolist(), strict=True):
+            txn["label"] = int(is_fraud)
+    return transactions

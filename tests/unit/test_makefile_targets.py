@@ -24,8 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-TARGETS = ["bootstrap", "demo", "demo-lifecycle", "test", "lint", "lint-chart", "stack-up", "stack-down",
-           "bench-fastpath", "bench", "soak", "soak-cluster"]
+TARGETS = ["bootstrap", "demo", "demo-lifecycle", "demo-drift", "test", "lint", "lint-chart", "stack-up",
+           "stack-down", "bench-fastpath", "bench", "soak", "soak-cluster"]
 """Every target of the Makefile; a new one must be added here (and so get its smoke run)."""
 
 needs_venv = pytest.mark.skipif(not (VENV_BIN / "python").is_file(),
