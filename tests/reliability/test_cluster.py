@@ -5,12 +5,12 @@ may be lost and nothing degraded, and the latency bump is measured (cluster_scen
 
 Marked ``cluster``: skipped unless ``-m`` names it. ``make soak-cluster`` runs the long ones (``cluster and
 soak``) and writes ``bench/results/reliability_cluster.{json,md}``; the short one (``pytest -m 'cluster and not
-soak' tests/reliability``: one broker kill, 2k requests, about a minute once the cluster runs) fits CI's time
+soak' tests/reliability``: one broker kill, 2k requests, 146 s here once the cluster runs) fits CI's time
 where the cluster profile can run (about 5.7 GB of memory, three minutes to start).
 
 ``test_two_datacenters_each_region_reads_its_own_replicas`` (also ``cluster and not soak``) starts three more
-Cassandra nodes as two datacenters (``.stack-cluster-2dc/``, 127.0.0.4-6) and checks that a reader with
-``local_dc`` reads, at LOCAL_QUORUM, through its own datacenter's nodes only.
+Cassandra nodes as two datacenters (``.stack-cluster-2dc/``, 127.0.0.4-6; 105 s here, start included) and
+checks that a reader with ``local_dc`` reads, at LOCAL_QUORUM, through its own datacenter's nodes only.
 """
 
 from __future__ import annotations
