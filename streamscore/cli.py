@@ -65,7 +65,12 @@ def _kafka_errors(settings: Settings) -> Iterator[None]:
     try:
         yield
     except KafkaConnectionError as exc:
-        raise click.ClickException(connection_problem(settings.kafka, exc, said[-1] if said else None)) from None
+        # the telling line (credentials refused, a certificate not trusted) may be followed by plain timeouts of
+        # the retries on a slow machine: it wins over the last one
+        telling = [line for line in said if "SaslAuthenticationFailed" in line or "CERTIFICATE_VERIFY_FAILED" in line
+                   or "SSL:" in line]
+        detail = telling[-1] if telling else said[-1] if said else None
+        raise click.ClickException(connection_problem(settings.kafka, exc, detail)) from None
     finally:
         client_log.removeHandler(recorder)
         client_log.propagate = propagate

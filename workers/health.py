@@ -73,7 +73,11 @@ class Readiness:
                 raise
             except Exception:  # a check that breaks must not end the checking
                 log.exception("the readiness checks failed")
-            await asyncio.sleep(interval)
+            # while the clients start and the group is joined, look again soon: /readyz turns ready (and its
+            # reasons turn current) within a fraction of a second of the worker being able to serve
+            starting = any(state.startswith(_EXPECTED_AT_START) or state == NOT_CHECKED
+                           for state in self.checks.values())
+            await asyncio.sleep(min(interval, 0.25) if starting else interval)
 
     async def check_once(self, timeout_s: float) -> None:
         results = {"model": OK + ": " + ", ".join(f"{name} {what}" for name, what in self.served().items())}

@@ -108,7 +108,7 @@ def test_a_worker_that_cannot_make_progress_says_so_and_exits(scenario: Callable
         assert lived < 4 + 4 + 6, f"exited {lived:.1f} s after the stall began"
         assert "cannot make progress" in stuck.log_text() or "event loop has been blocked" in stuck.log_text()
         if marker == "fault-hang":  # the loop is free: /readyz said why before the exit
-            assert reasons and "no batch committed" in reasons[0], reasons
+            assert any("no batch committed" in reason for reason in reasons), reasons
 
         async def answered_after_restart() -> None:
             collector = await Collector(run).start()
