@@ -550,6 +550,7 @@ class BatchDelivery(mode.Service):
             self._room.release()
         if committed:  # exactly_once: the offsets went with the batches' transactions
             self.committed_batches += 1
+            self.committed_offsets.update(offsets)
             self.waiting_since = time.monotonic() if self.flights else None
             return
         await self._commit(offsets)
