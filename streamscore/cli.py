@@ -62,6 +62,9 @@ def _kafka_errors(settings: Settings) -> Iterator[None]:
     client_log = logging.getLogger("aiokafka")
     client_log.addHandler(recorder)
     propagate, client_log.propagate = client_log.propagate, False
+    level = client_log.level
+    if client_log.getEffectiveLevel() > logging.ERROR:  # its error lines are what the one line quotes
+        client_log.setLevel(logging.ERROR)
     try:
         yield
     except KafkaConnectionError as exc:
@@ -74,6 +77,7 @@ def _kafka_errors(settings: Settings) -> Iterator[None]:
     finally:
         client_log.removeHandler(recorder)
         client_log.propagate = propagate
+        client_log.setLevel(level)
 
 
 # --- the parts outside the core -------------------------------------------------------------------------------
@@ -493,7 +497,9 @@ def _run_deployment(action: Any) -> Any:
     from streamscore.workers.library import ModelError
 
     settings = _settings()
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection warnings: the one line below says it
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # its connection warnings: the one line below says it
     try:
         return asyncio.run(action(settings))
     except (DeploymentError, ModelError) as exc:
@@ -502,6 +508,8 @@ def _run_deployment(action: Any) -> Any:
         raise click.ClickException(
             f"Kafka at {settings.kafka.bootstrap} did not answer ({type(exc).__name__}: {exc}): is it up "
             "(`streamscore stack status`)? check the STREAMSCORE_KAFKA__* settings") from exc
+    finally:
+        client_log.setLevel(level)  # for this command only (the CLI may run in a process that goes on)
 
 
 def _when(ms: int) -> str:
