@@ -27,12 +27,11 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from streamscore.settings import Settings
 from streamscore.streams import topics
-from streamscore.streams.client import Client, PredictTimeout, ensure_topics, partitions_of
-from streamscore.streams.kafka import client_kwargs
+from streamscore.streams.client import Client, PredictTimeout, ensure_topics, tail_consumer
 from streamscore_examples.fraud.requests import demo_requests
 
 from .shadow_cost import _drain
@@ -76,16 +75,8 @@ async def _answering(settings: Settings, timeout: float = 120.0) -> None:
 
 
 async def _reader(settings: Settings) -> AIOKafkaConsumer:
-    topic = topics.predictions(settings.topic_prefix, MODEL)
-    partitions = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
-    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False,
-                                isolation_level="read_committed")
-    await consumer.start()
-    consumer.assign(partitions)
-    await consumer.seek_to_end(*partitions)
-    for partition in partitions:
-        await consumer.position(partition)
-    return consumer
+    """The predictions topic from its end, read_committed (the SDK's tail consumer)."""
+    return await tail_consumer(settings, topics.predictions(settings.topic_prefix, MODEL))
 
 
 async def _fixed_rate(settings: Settings, rate: float, seconds: float) -> dict[str, float]:
