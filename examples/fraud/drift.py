@@ -46,10 +46,10 @@ from streamscore.streams.client import Client, ensure_topics, tail_consumer
 from streamscore.streams.wire import unpack
 from streamscore.workers import deployments
 
-from .data import generate_feature_rows, generate_shifted_transactions, generate_transactions, write_views
+from .data import generate_shifted_transactions, generate_transactions
 from .model import build_and_register
-from .requests import FEATURE_SEED, as_request
-from .run import MODEL, DemoFailed, _fill_store, stop_process
+from .requests import as_request
+from .run import MODEL, DemoFailed, fill_views, stack_up, stop_process
 
 Echo = Callable[[str], None]
 
@@ -105,8 +105,6 @@ class Watch:
 
 
 def run_drift(settings: Settings, rate: float, echo: Echo = print) -> dict[str, Any]:
-    from streamscore_stack import Stack, StackError
-
     started = time.monotonic()
     run = uuid.uuid4().hex[:6]
     out = (settings.data_dir / "drift").resolve()
@@ -116,15 +114,9 @@ def run_drift(settings: Settings, rate: float, echo: Echo = print) -> dict[str, 
     drift = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}-drift-{run}",
                                         "models_dir": models_dir})
     echo(f"== 1/6 local stack (this run's topics: {drift.topic_prefix}.*)")
-    try:
-        Stack(settings.stack, echo=echo).ensure_up()
-    except StackError as exc:
-        raise DemoFailed(str(exc)) from exc
+    stack_up(settings, echo)
     echo(f"== 2/6 feature views and rows; fraud v1 trained and registered with its training profile in {models_dir}")
-    rows = generate_feature_rows(FEATURE_SEED)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    write_views(settings.views_file)
-    asyncio.run(_fill_store(settings, rows))
+    rows = fill_views(settings)
     _v1(models_dir, out / "v1-library", echo)
     asyncio.run(_prepare(drift))
     echo(f"== 3/6 a worker (drift windows of {DRIFT_WINDOW_S:g} s, every prediction logged) and the monitor "

@@ -47,10 +47,10 @@ from streamscore.workers import compare, deployments, variants
 from streamscore.workers.library import ModelError, read_manifest
 from streamscore.workers.stages import canary_share
 
-from .data import generate_feature_rows, generate_transactions
+from .data import generate_transactions
 from .model import build_and_register, holdout_set, training_set
 from .requests import FEATURE_SEED, as_request
-from .run import MODEL, DemoFailed, _fill_store, stop_process
+from .run import MODEL, DemoFailed, fill_views, stack_up, stop_process
 
 Echo = Callable[[str], None]
 
@@ -86,8 +86,6 @@ class Live:
 
 
 def run_lifecycle(settings: Settings, rate: float, echo: Echo = print) -> dict[str, Any]:
-    from streamscore_stack import Stack, StackError
-
     started = time.monotonic()
     run = uuid.uuid4().hex[:6]
     prefix = f"{settings.topic_prefix}-life-{run}"
@@ -95,17 +93,9 @@ def run_lifecycle(settings: Settings, rate: float, echo: Echo = print) -> dict[s
     out = settings.data_dir / "lifecycle"
     out.mkdir(parents=True, exist_ok=True)
     echo(f"== 1/7 local stack (this run's topics: {prefix}.*)")
-    try:
-        Stack(settings.stack, echo=echo).ensure_up()
-    except StackError as exc:
-        raise DemoFailed(str(exc)) from exc
+    stack_up(settings, echo)
     echo("== 2/7 feature views and rows, the fraud model v1, and two cheaper variants of it")
-    rows = generate_feature_rows(FEATURE_SEED)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from .data import write_views
-
-    write_views(settings.views_file)
-    asyncio.run(_fill_store(settings, rows))
+    rows = fill_views(settings)
     manifest, _ = build_and_register(settings.models_dir)
     made = _variants(settings, manifest.version, echo)
     echo("== 3/7 two workers (reload interval 1 s)")

@@ -47,19 +47,11 @@ Echo = Callable[[str], None]
 
 
 def run_demo(settings: Settings, count: int, rate: float | None, echo: Echo = print) -> dict[str, Any]:
-    from streamscore_stack import Stack, StackError
-
     started = time.monotonic()
     echo("== 1/6 local stack")
-    try:
-        Stack(settings.stack, echo=echo).ensure_up()
-    except StackError as exc:
-        raise DemoFailed(str(exc)) from exc
+    stack_up(settings, echo)
     echo("== 2/6 feature views: card_stats (10k cards), merchant_stats (1k merchants)")
-    rows = generate_feature_rows(FEATURE_SEED)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    write_views(settings.views_file)
-    asyncio.run(_fill_store(settings, rows))
+    rows = fill_views(settings)
     echo("== 3/6 fraud model: train (scikit-learn MLP), export to ONNX, register")
     manifest, pipeline = build_and_register(settings.models_dir)
     echo(f"   {manifest.name} v{manifest.version} sha256 {manifest.sha256[:16]}…  {manifest.description.summary}")
@@ -82,6 +74,25 @@ def run_demo(settings: Settings, count: int, rate: float | None, echo: Echo = pr
         raise DemoFailed(f"{summary['missing']} requests unanswered and {summary['mismatched']} scores differ "
                          f"from the offline computation (tolerance {SCORE_TOLERANCE})")
     return summary
+
+
+def stack_up(settings: Settings, echo: Echo) -> None:
+    """The local stack, running (a server that cannot start fails the demo with its log's last lines)."""
+    from streamscore_stack import Stack, StackError
+
+    try:
+        Stack(settings.stack, echo=echo).ensure_up()
+    except StackError as exc:
+        raise DemoFailed(str(exc)) from exc
+
+
+def fill_views(settings: Settings) -> dict[str, dict[str, dict[str, Any]]]:
+    """Declare the demo's views and write their seeded rows (the schema made first); returns the rows."""
+    rows = generate_feature_rows(FEATURE_SEED)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    write_views(settings.views_file)
+    asyncio.run(_fill_store(settings, rows))
+    return rows
 
 
 async def _fill_store(settings: Settings, rows: dict[str, dict[str, dict[str, Any]]]) -> None:
