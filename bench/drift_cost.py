@@ -1,14 +1,16 @@
 """What the drift stage costs a worker: drain throughput with drift monitoring off and on, in one run.
 
 ``python -m streamscore_bench.drift_cost`` (after ``make demo``, which leaves the demo's feature rows in Cassandra
-and its model in ``demo-data/models``) copies the demo model into a scratch library twice, as v1 without a
-training profile (the drift stage has nothing to watch: monitoring off) and as v2 with one (the manifest's
-profile, or one made here from the demo's training matrix and the artifact's own scores on it: monitoring on).
-Both are the same artifact, so the difference is the drift stage's work. One worker (window
-``--window-requests``) drains a backlog of ``--requests`` demo requests per drain; each round drains once with v1
-and once with v2 (``streamscore models promote``), off first in even rounds and on first in odd ones (so a trend
-in the machine's load cancels out), ``--rounds`` rounds after a warm-up.
-Requests/s is answered / (last - first prediction's Kafka timestamp). Writes ``drift_cost.{json,md,png}`` into
+and its model in ``demo-data/models``) copies the demo model into two scratch libraries: one without a training
+profile (the drift stage has nothing to watch: monitoring off) and one with it (the manifest's profile, or one
+made here from the demo's training matrix and the artifact's own scores on it: monitoring on). Both hold the same
+artifact, so the difference is the drift stage's work.
+
+Each drain preloads ``--requests`` demo requests under a topic prefix of its own, then starts a fresh worker on
+one of the libraries (window ``--window-requests``) and lets it drain the backlog: the worker competes with
+nothing but the servers, and no producer runs beside it. Requests/s is answered / (last - first prediction's
+Kafka timestamp). Each round drains once off and once on, off first in even rounds and on first in odd ones (a
+trend in the machine's load cancels out), ``--rounds`` rounds. Writes ``drift_cost.{json,md,png}`` into
 ``--out``: the median of each, and their ratio.
 """
 
@@ -28,11 +30,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from streamscore.settings import Settings
-from streamscore.workers.deployments import read_deployment
+from streamscore.streams import topics
+from streamscore.streams.client import partitions_of
+from streamscore.streams.kafka import client_kwargs
 from streamscore_examples.fraud.requests import demo_requests
 
-from .shadow_cost import MODEL, _drain
+from .profile_worker import preload
+from .shadow_cost import MODEL
 
 
 def demo_profile(version_dir: Path, seed: int, n_train: int) -> dict[str, Any]:
@@ -60,13 +67,17 @@ def demo_profile(version_dir: Path, seed: int, n_train: int) -> dict[str, Any]:
     return profile.model_dump()
 
 
-def _library(source: Path, scratch: Path, seed: int, n_train: int) -> None:
+def _libraries(source: Path, scratch: Path, seed: int, n_train: int) -> dict[str, Path]:
+    """By mode: a library holding the demo model as v1, without its training profile (off) or with it (on)."""
     profile = demo_profile(source, seed, n_train)
-    for version, with_profile in (("1", False), ("2", True)):
-        shutil.copytree(source, scratch / MODEL / version)
-        path = scratch / MODEL / version / "manifest.json"
+    libraries = {}
+    for mode in ("off", "on"):
+        libraries[mode] = scratch / mode
+        shutil.copytree(source, libraries[mode] / MODEL / "1")
+        path = libraries[mode] / MODEL / "1" / "manifest.json"
         manifest = json.loads(path.read_text())
-        path.write_text(json.dumps({**manifest, "version": version, "profile": profile if with_profile else None}))
+        path.write_text(json.dumps({**manifest, "version": "1", "profile": profile if mode == "on" else None}))
+    return libraries
 
 
 def pipeline_cost(library: Path, views_file: Path, batches: int, window_requests: int) -> dict[str, Any]:
@@ -90,7 +101,7 @@ def pipeline_cost(library: Path, views_file: Path, batches: int, window_requests
     store.connect()
     for view, rows in generate_feature_rows(FEATURE_SEED).items():
         asyncio.run(store.put(view, [(entity, values, None) for entity, values in rows.items()]))
-    runtime = load_model(library, MODEL, views, WorkerSettings(), "2")
+    runtime = load_model(library, MODEL, views, WorkerSettings(), "1")
     plain, watched = (BatchPipeline(runtime, store, "bench", worker_id="bench") for _ in range(2))
     for pipeline in (plain, watched):
         pipeline.add_from_manifest(None)
@@ -127,15 +138,63 @@ def _stage_seconds(port: int) -> dict[str, float]:
             if sample.name == "streamscore_stage_seconds_sum"}
 
 
-def _promote(env: dict[str, str], settings: Settings, version: str) -> None:
-    state = asyncio.run(read_deployment(settings, MODEL))
-    if state is not None and state.production == version:
-        return
-    subprocess.run([sys.executable, "-m", "streamscore", "models", "promote", MODEL, version], env=env, check=True,
-                   capture_output=True)
-    while (state := asyncio.run(read_deployment(settings, MODEL))) is None or state.production != version:
-        time.sleep(0.2)
-    time.sleep(3)  # three reload checks: the worker serves it
+async def _prediction_stamps(settings: Settings, count: int, timeout: float = 60.0) -> list[int]:
+    """The Kafka timestamps of the first ``count`` predictions under the settings' prefix, read from the start."""
+    topic = topics.predictions(settings.topic_prefix, MODEL)
+    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        stamps: list[int] = []
+        deadline = time.monotonic() + timeout
+        while len(stamps) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
+                stamps.extend(record.timestamp for record in records)
+        return stamps
+    finally:
+        await consumer.stop()
+
+
+def _answered(port: int) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
+            return int(json.loads(response.read())[MODEL]["answered"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def drain(library: Path, requests: int, window_requests: int, port: int, log: Path,
+          timeout: float = 300.0) -> tuple[float, dict[str, float], int]:
+    """Preload ``requests`` under a fresh prefix, start a worker on ``library``, wait until it answered them all:
+    (requests/s from the predictions' Kafka timestamps, seconds per stage at its /metrics, drift windows logged
+    as drifted)."""
+    env = {"STREAMSCORE_TOPIC_PREFIX": f"driftcost-{uuid.uuid4().hex[:6]}", "STREAMSCORE_MODELS_DIR": str(library),
+           "STREAMSCORE_WORKER__WEB_PORT": str(port),
+           "STREAMSCORE_MONITORING__WINDOW_REQUESTS": str(window_requests)}
+    asyncio.run(preload(env, requests))
+    settings = Settings(**{key: value for key, value in Settings().model_dump().items()
+                           if key not in ("topic_prefix", "models_dir", "monitoring")},
+                        topic_prefix=env["STREAMSCORE_TOPIC_PREFIX"], models_dir=library)
+    with open(log, "wb") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
+                                  env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while _answered(port) < requests:
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not answer {requests} requests: see {log}")
+                time.sleep(0.5)
+            stages = _stage_seconds(port)
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    stamps = asyncio.run(_prediction_stamps(settings, requests))
+    drifted = log.read_text(errors="replace").count("drift in ")
+    return len(stamps) / max(1e-3, (max(stamps) - min(stamps)) / 1000), stages, drifted
 
 
 def main() -> None:
@@ -149,48 +208,29 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=60_000)
     parser.add_argument("--component-batches", type=int, default=200,
                         help="Batches of 2048 through the pipeline alone, with drift and without (each).")
+    parser.add_argument("--port", type=int, default=16191, help="The worker's web port.")
     args = parser.parse_args()
     source = args.library / MODEL / "1"
     if not source.is_dir():
         sys.exit(f"no demo model in {source}: run `make demo` first")
     scratch = Path(tempfile.mkdtemp(prefix="drift-cost-"))
-    _library(source, scratch, args.seed, args.n_train)
-    env = {**os.environ, "STREAMSCORE_TOPIC_PREFIX": f"driftcost-{uuid.uuid4().hex[:6]}",
-           "STREAMSCORE_MODELS_DIR": str(scratch), "STREAMSCORE_WORKER__RELOAD_INTERVAL_S": "1",
-           "STREAMSCORE_WORKER__WEB_PORT": "16191",
-           "STREAMSCORE_MONITORING__WINDOW_REQUESTS": str(args.window_requests)}
-    settings = Settings(**{key: value for key, value in Settings().model_dump().items()
-                           if key not in ("topic_prefix", "models_dir", "monitoring")},
-                        topic_prefix=env["STREAMSCORE_TOPIC_PREFIX"], models_dir=scratch)
-    log = open(scratch / "worker.log", "wb")  # noqa: SIM115 - open for the worker's lifetime
-    worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    libraries = _libraries(source, scratch, args.seed, args.n_train)
     rates: dict[str, list[float]] = {"off": [], "on": []}
     drift_share: list[float] = []
-    """Per round with drift on: the drift stage's share of the pipeline's time (from /metrics)."""
-    port = int(env["STREAMSCORE_WORKER__WEB_PORT"])
-    try:
-        time.sleep(15)  # the worker joins its group
-        _promote(env, settings, "1")
-        warm = asyncio.run(_drain(settings, list(demo_requests(args.requests, seed=11, id_prefix="warm"))))
-        print(f"warm-up: {warm:,.0f} requests/s")
-        for round_number in range(args.rounds):
-            order = (("off", "1"), ("on", "2"))
-            for mode, version in order if round_number % 2 == 0 else order[::-1]:  # ABBA: a trend cancels out
-                _promote(env, settings, version)
-                backlog = list(demo_requests(args.requests, seed=11, id_prefix=f"{mode}{round_number}"))
-                before = _stage_seconds(port)
-                rates[mode].append(asyncio.run(_drain(settings, backlog)))
-                if mode == "on":
-                    spent = {stage: seconds - before.get(stage, 0.0) for stage, seconds in _stage_seconds(port).items()}
-                    drift_share.append(spent.get("drift", 0.0) / max(1e-9, sum(spent.values())))
-                print(f"round {round_number + 1}, drift {mode}: {rates[mode][-1]:,.0f} requests/s")
-    finally:
-        worker.terminate()
-        worker.wait(60)
-        log.close()
-    windows = (scratch / "worker.log").read_text(errors="replace").count("drift in ")
-    component = pipeline_cost(scratch, settings.views_file, args.component_batches, args.window_requests)
+    """Per drain with drift on: the drift stage's share of the pipeline's time (from /metrics)."""
+    windows = 0
+    warm, _, _ = drain(libraries["off"], args.requests, args.window_requests, args.port, scratch / "warm-up.log")
+    print(f"warm-up: {warm:,.0f} requests/s")
+    for round_number in range(args.rounds):
+        for mode in ("off", "on") if round_number % 2 == 0 else ("on", "off"):  # ABBA: a trend cancels out
+            rate, stages, drifted = drain(libraries[mode], args.requests, args.window_requests, args.port,
+                                          scratch / f"worker-{mode}-{round_number}.log")
+            rates[mode].append(rate)
+            if mode == "on":
+                drift_share.append(stages.get("drift", 0.0) / max(1e-9, sum(stages.values())))
+                windows += drifted
+            print(f"round {round_number + 1}, drift {mode}: {rate:,.0f} requests/s")
+    component = pipeline_cost(libraries["on"], Settings().views_file, args.component_batches, args.window_requests)
     print(f"pipeline alone: {component['ratio']:.3f} of the batches/s with drift on "
           f"(drift stage {component['drift_stage_mean_us']:.0f} us per batch of 2048 on average)")
     _write(args, warm, rates, drift_share, windows, component)
@@ -214,7 +254,8 @@ def _write(args: argparse.Namespace, warm: float, rates: dict[str, list[float]],
                    for round_number, (a, b) in enumerate(zip(rates["off"], rates["on"], strict=True)))
     (args.out / "drift_cost.md").write_text(
         "# Drift monitoring off against on (one worker, one run, backlogs drained, rounds off/on and on/off)\n\n"
-        f"{args.requests:,} demo requests per drain; drift window {args.window_requests:,} requests.\n\n"
+        f"{args.requests:,} demo requests preloaded per drain, then drained by a fresh worker (no producer beside "
+        f"it); drift window {args.window_requests:,} requests.\n\n"
         "| round | drift off (requests/s) | drift on (requests/s) | on / off |\n|---:|---:|---:|---:|\n"
         f"{rows}| median | {off:,.0f} | {on:,.0f} | {on / off:.3f} |\n\n"
         f"cost: {100 * (1 - on / off):.1f}% of the throughput (target: at most 5%). The drift stage's own share "

@@ -11,7 +11,8 @@ layer, by a service that lives inside the Faust app (its lifecycle, its web serv
 - each batch goes to its model's Faust agent as ONE event on an in-memory channel;
 - the agent runs the pipeline and queues the predictions and dead letters as producer batches
   (``create_batch``/``send_batch``), without waiting for the acknowledgement, so the next batch overlaps it;
-- offsets are committed per batch, in order, only after Kafka acknowledged every message of that batch;
+- offsets are committed in order, only after Kafka acknowledged every message of their batch, at most every
+  ``worker.commit_interval_ms`` (one commit covers every batch acknowledged meanwhile);
 - on partition revocation, every batch in flight is finished and committed before the partitions go
   (the rebalance waits for it): no loss, repeats only within at-least-once.
 
@@ -364,6 +365,14 @@ class BatchDelivery(mode.Service):
         """monotonic time the fetch loop last came round (or was legitimately waiting for room)."""
         self.waiting_for_room = False
         self._unsent_offsets: dict[TopicPartition, int] = {}
+        """Offsets of acknowledged batches not committed yet: deferred to the commit interval, or a commit that
+        failed (tried again)."""
+        self.commit_interval_s = worker.commit_interval_ms / 1000
+        self._last_commit = 0.0
+        """monotonic time of the last commit request."""
+        self._flushing = 0
+        """Drains under way (a revocation, a stop): offsets are committed at once, not at the interval."""
+        self._commit_failed = False
         self._fetching = True
         self._fetch_stopped = asyncio.Event()
 
@@ -530,15 +539,28 @@ class BatchDelivery(mode.Service):
 
     async def _commit_next(self) -> None:
         if not self.flights:
-            if self._unsent_offsets:
+            if self._unsent_offsets:  # deferred to the interval (or a commit that failed): due, or a new batch
+                self._flight_added.clear()
+                due = self._commit_due()
+                if not self._flushing and due > time.monotonic():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flight_added.wait(), due - time.monotonic())
+                    if self.flights:
+                        return
                 await self._commit({})
-                await asyncio.sleep(0.5 if self._unsent_offsets else 0)
                 return
             self.waiting_since = None
             self._flight_added.clear()
             await self._flight_added.wait()
             return
         flight = self.flights[0]
+        if self._unsent_offsets and not flight.acked.done():  # earlier offsets wait: not past their interval
+            due = 0.0 if self._flushing else self._commit_due() - time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(flight.acked), max(0.0, due))
+            except TimeoutError:
+                await self._commit({})
+                return
         await asyncio.shield(flight.acked)
         offsets = dict(flight.next_offsets)
         committed = flight.in_transaction
@@ -553,34 +575,49 @@ class BatchDelivery(mode.Service):
             self.committed_offsets.update(offsets)
             self.waiting_since = time.monotonic() if self.flights else None
             return
+        if not self._flushing and time.monotonic() - self._last_commit < self.commit_interval_s:
+            self._unsent_offsets.update(offsets)  # committed with a later batch's, or when the interval is up
+            return
         await self._commit(offsets)
+
+    def _commit_due(self) -> float:
+        """When the offsets waiting are to be committed: the interval after the last commit (half a second at
+        least after one that failed)."""
+        return self._last_commit + max(self.commit_interval_s, 0.5 if self._commit_failed else 0.0)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
         offsets = {**self._unsent_offsets, **offsets}
+        self._last_commit = time.monotonic()
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # the partitions moved on (rebalance): their new owner re-reads from the last commit; repeats only
             self.commit_failures += 1
-            self._unsent_offsets = {}
+            self._unsent_offsets, self._commit_failed = {}, False
             log.warning("offset commit failed (%r); those requests may be answered again", exc)
         except Exception as exc:  # the broker away, or anything else: committed with the next batch
             self.commit_failures += 1
-            self._unsent_offsets = offsets
+            self._unsent_offsets, self._commit_failed = offsets, True
             log.warning("offset commit failed (%r); trying again with the next one", exc)
         else:
             self.committed_batches += 1
             self.committed_offsets.update(offsets)
-            self._unsent_offsets = {}
+            self._unsent_offsets, self._commit_failed = {}, False
             self.waiting_since = time.monotonic() if self.flights else None
 
     async def drain(self, why: str) -> None:
-        """Wait until every batch in flight is acknowledged and committed."""
-        if not self.flights:
+        """Wait until every batch in flight is acknowledged and committed (offsets deferred to the commit
+        interval included: committed now)."""
+        if not self.flights and not self._unsent_offsets:
             return
         started = time.monotonic()
         count = len(self.flights)
-        while self.flights:
-            await asyncio.sleep(0.005)
+        self._flushing += 1
+        self._flight_added.set()  # the commit loop stops waiting for the interval
+        try:
+            while self.flights or (self._unsent_offsets and not self._commit_failed):
+                await asyncio.sleep(0.005)
+        finally:
+            self._flushing -= 1
         log.info("%s: drained %d batches in flight in %.0f ms", why, count, 1000 * (time.monotonic() - started))

@@ -4,7 +4,8 @@ Topics and keyspace are replicated 3 (``min.insync.replicas=2``), Cassandra read
 may be lost and nothing degraded, and the latency bump is measured (cluster_scenarios.py).
 
 Marked ``cluster``: skipped unless ``-m`` names it. ``make soak-cluster`` runs the long ones (``cluster and
-soak``) and writes ``bench/results/reliability_cluster.{json,md}``; the short one (``pytest -m 'cluster and not
+soak``, each under both guarantees, 50k requests) and writes
+``bench/results/reliability_cluster.{json,md}``; the short one (``pytest -m 'cluster and not
 soak' tests/reliability``: one broker kill, 2k requests, 146 s here once the cluster runs) fits CI's time
 where the cluster profile can run (about 5.7 GB of memory, three minutes to start).
 
@@ -47,37 +48,66 @@ def test_cluster_broker_kill_loses_nothing(scenario: Callable[..., Scenario], cl
     check(result)
 
 
+GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+"""Each soak scenario runs under both processing guarantees (``worker.processing_guarantee``); the collector
+reads ``read_committed`` as the SDK does, so under exactly_once a repeat is a defect (checked: 0)."""
+
+SOAK_REQUESTS = 50_000
+
+
+def _guaranteed(scenario: Scenario, guarantee: str) -> Scenario:
+    if guarantee == "exactly_once":
+        scenario.extra_env["STREAMSCORE_WORKER__PROCESSING_GUARANTEE"] = guarantee
+    return scenario
+
+
+def check_guarantee(result: Tally, guarantee: str) -> None:
+    check(result)
+    if guarantee == "exactly_once":
+        assert result.duplicated == 0, f"repeats under exactly_once: {result.describe()}"
+
+
+def _name(base: str, guarantee: str) -> str:
+    return base if guarantee == "at_least_once" else f"{base}_exactly_once"
+
+
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
+@GUARANTEES
 def test_soak_cluster_leader_broker_killed(scenario: Callable[..., Scenario], cluster: TestCluster,
-                                           cluster_report: Callable[[Tally], None]) -> None:
-    result = asyncio.run(broker_failover(scenario("broker_leader_killed", CLUSTER), cluster, count=20_000,
-                                         rate=200))
+                                           cluster_report: Callable[[Tally], None], guarantee: str) -> None:
+    result = asyncio.run(broker_failover(_guaranteed(scenario(_name("broker_leader_killed", guarantee), CLUSTER),
+                                                     guarantee), cluster, count=SOAK_REQUESTS, rate=200))
+    result.notes["guarantee"] = guarantee
     cluster_report(result)
 
-    check(result)
+    check_guarantee(result, guarantee)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
+@GUARANTEES
 def test_soak_cluster_cassandra_node_killed(scenario: Callable[..., Scenario], cluster: TestCluster,
-                                            cluster_report: Callable[[Tally], None]) -> None:
-    result = asyncio.run(cassandra_failover(scenario("cassandra_node_killed", CLUSTER), cluster, count=20_000,
-                                            rate=200))
+                                            cluster_report: Callable[[Tally], None], guarantee: str) -> None:
+    result = asyncio.run(cassandra_failover(_guaranteed(scenario(_name("cassandra_node_killed", guarantee), CLUSTER),
+                                                        guarantee), cluster, count=SOAK_REQUESTS, rate=200))
+    result.notes["guarantee"] = guarantee
     cluster_report(result)
 
-    check(result)
+    check_guarantee(result, guarantee)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
+@GUARANTEES
 def test_soak_cluster_rolling_broker_restart(scenario: Callable[..., Scenario], cluster: TestCluster,
-                                             cluster_report: Callable[[Tally], None]) -> None:
-    result = asyncio.run(rolling_restart(scenario("rolling_broker_restart", CLUSTER), cluster, count=30_000,
-                                         rate=200))
+                                             cluster_report: Callable[[Tally], None], guarantee: str) -> None:
+    result = asyncio.run(rolling_restart(_guaranteed(scenario(_name("rolling_broker_restart", guarantee), CLUSTER),
+                                                     guarantee), cluster, count=SOAK_REQUESTS, rate=200))
+    result.notes["guarantee"] = guarantee
     cluster_report(result)
 
-    check(result)
+    check_guarantee(result, guarantee)
 
 
 # ------------------------------------------------------------------------------------------- two datacenters

@@ -400,3 +400,115 @@ def test_a_group_that_cannot_be_queued_is_sent_again_alone_and_the_others_are_no
     delivered = [(topic, value) for topic, _, records in producer.sent for _, value in records]
     assert sorted(delivered) == [(DLQ, b"2"), ("p.m.predictions", b"1")]  # each exactly once
     assert publisher.resent == 2 and publisher.failures == 0
+
+
+# ------------------------------------------------------------------------------------------- commit interval
+
+
+class RecordingConsumer:
+    """Records each commit request: (monotonic time, offsets by partition)."""
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[float, dict[Any, int]]] = []
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        import time
+
+        self.commits.append((time.monotonic(), dict(offsets)))
+
+
+def _delivery(interval_ms: int) -> Any:
+    from streamscore.settings import Settings, WorkerSettings
+
+    batch_delivery = delivery.BatchDelivery(Settings(worker=WorkerSettings(commit_interval_ms=interval_ms,
+                                                                           max_batches_in_flight=64)), {})
+    batch_delivery.consumer = RecordingConsumer()
+    return batch_delivery
+
+
+async def _acknowledge_one_by_one(batch_delivery: Any, flights: int, gap_s: float) -> list[Flight]:
+    """``flights`` one-message batches of partition 0, each acknowledged ``gap_s`` after the previous; the
+    commit loop runs meanwhile. Returns them once every one is acknowledged (the loop still running)."""
+    from aiokafka import TopicPartition
+
+    loop = asyncio.get_running_loop()
+    made = []
+    for offset in range(flights):
+        flight = Flight([], {TopicPartition("p.m.requests", 0): offset + 1}, loop.create_future())
+        batch_delivery.flights.append(flight)
+        batch_delivery._flight_added.set()
+        made.append(flight)
+        await asyncio.sleep(gap_s)
+        flight.acked.set_result(None)
+    return made
+
+
+def _committed_offsets(consumer: RecordingConsumer) -> list[int]:
+    return [next(iter(offsets.values())) for _, offsets in consumer.commits]
+
+
+def test_light_traffic_commits_once_per_interval_not_per_batch() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        batch_delivery = _delivery(100)
+        committing = asyncio.create_task(delivery.BatchDelivery._commit_loop(batch_delivery))
+        started = asyncio.get_running_loop().time()
+        await _acknowledge_one_by_one(batch_delivery, 50, 0.005)  # 200 batches a second for 0.25 s
+        await asyncio.sleep(0.3)  # the interval after the last batch: its offset is committed without a new one
+        committing.cancel()
+        return _committed_offsets(batch_delivery.consumer), started
+
+    offsets, _ = run(scenario())
+
+    assert offsets[-1] == 50, "the last acknowledged batch's offset was not committed once its interval was up"
+    assert len(offsets) <= 6, f"{len(offsets)} commits for 50 batches in 0.25 s at a 100 ms interval"
+    assert offsets == sorted(offsets), "offsets went backwards"
+
+
+def test_no_offset_is_committed_before_its_batch_is_acknowledged() -> None:
+    async def scenario() -> list[int]:
+        from aiokafka import TopicPartition
+
+        batch_delivery = _delivery(100)
+        committing = asyncio.create_task(delivery.BatchDelivery._commit_loop(batch_delivery))
+        loop = asyncio.get_running_loop()
+        first, second, stuck = (Flight([], {TopicPartition("p.m.requests", 0): offset}, loop.create_future())
+                                for offset in (1, 2, 3))
+        batch_delivery.flights.extend([first, second, stuck])
+        batch_delivery._flight_added.set()
+        first.acked.set_result(None)  # committed at once (no commit yet)
+        await asyncio.sleep(0.01)
+        second.acked.set_result(None)  # deferred to the interval
+        await asyncio.sleep(0.4)  # the stuck batch's ack never comes: the second's offset goes at the interval
+        committing.cancel()
+        return _committed_offsets(batch_delivery.consumer)
+
+    assert run(scenario()) == [1, 2]
+
+
+def test_a_drain_commits_the_deferred_offsets_at_once() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        batch_delivery = _delivery(10_000)  # an interval the drain must not wait for
+        committing = asyncio.create_task(delivery.BatchDelivery._commit_loop(batch_delivery))
+        await _acknowledge_one_by_one(batch_delivery, 3, 0.001)
+        await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        await batch_delivery.drain("partitions revoked")
+        took = asyncio.get_running_loop().time() - started
+        committing.cancel()
+        return _committed_offsets(batch_delivery.consumer), took
+
+    offsets, took = run(scenario())
+
+    assert offsets[-1] == 3 and took < 1.0
+
+
+def test_interval_zero_commits_after_each_batch() -> None:
+    async def scenario() -> list[int]:
+        batch_delivery = _delivery(0)
+        committing = asyncio.create_task(delivery.BatchDelivery._commit_loop(batch_delivery))
+        await _acknowledge_one_by_one(batch_delivery, 5, 0.02)
+        await asyncio.sleep(0.05)
+        committing.cancel()
+        return _committed_offsets(batch_delivery.consumer)
+
+    assert run(scenario()) == [1, 2, 3, 4, 5]

@@ -1,0 +1,289 @@
+"""What a worker costs at idle and per small batch: CPU of one worker process, from /proc, in one run.
+
+``python -m streamscore_bench.batch_cost`` (after ``make demo``: the demo's model and feature rows) starts one
+worker on the demo model under a topic prefix of its own, warms it (the Redis cache and the model session: the
+load phase's requests are sent once first), then measures its CPU (user + system, all threads,
+``/proc/<pid>/stat``):
+
+- **idle**: ``--idle-s`` seconds with no traffic: the share of one core it uses;
+- **light load**: ``--rate`` requests per second for ``--seconds`` seconds, one request per message, paced by
+  the wall clock from this process (each request is its own batch in the worker at that rate: the worker's
+  ``streamscore_batch_messages`` count says how many batches it made). CPU per batch is the load phase's CPU
+  minus what idling would have cost over the same time, divided by the batches.
+
+With ``--profile`` (py-spy must be installed), py-spy samples the worker through the load phase; the report
+lists the functions with the largest share of the samples (inclusive: a function and what it calls) and
+charges each sample to one part of the per-batch path (``PARTS``, innermost match wins), so a cut can be aimed
+and checked. Writes ``batch_cost.{json,md,png}`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from aiokafka import AIOKafkaProducer
+
+from streamscore.settings import Settings
+from streamscore.streams import topics
+from streamscore.streams.client import ensure_topics
+from streamscore.streams.kafka import client_kwargs
+from streamscore_examples.fraud.requests import demo_requests
+
+from .processes import process_cpu_s
+
+MODEL = "fraud"
+
+PARTS = [
+    ("decode", ("decode_batch", "decode_request")),
+    ("features: cache (Redis)", ("FeatureCache.", "featurestore/cache.py", "redis/")),
+    ("features: other", ("FeatureStore.", "featurestore/store.py", "cassandra/")),
+    ("assemble", ("assemble",)),
+    ("infer", ("ModelRuntime.run", "InferenceSession.run", "onnxruntime")),
+    ("drift", ("workers/drift.py",)),
+    ("prediction log", ("workers/predlog.py",)),
+    ("encode", ("encode_predictions",)),
+    ("metrics", ("prometheus_client/", "workers/metrics.py")),
+    ("pipeline other", ("workers/pipeline.py", "workers/stages.py")),
+    ("publish and commit", ("streams/delivery.py", "aiokafka/producer", "send_batch", "create_batch",
+                            "aiokafka/consumer/group_coordinator", "commit")),
+    ("fetch", ("aiokafka/consumer/fetcher.py", "aiokafka/consumer/consumer.py", "getmany")),
+    ("kafka client other", ("aiokafka/",)),
+    ("faust/mode", ("faust/", "mode/")),
+    ("asyncio loop", ("asyncio/", "selectors.py")),
+]
+"""Parts of the per-batch path, each by needles in a frame's text: a sample is charged to the innermost frame
+that matches one (a Redis call made by the feature cache is the cache's), the generic ones last."""
+
+
+GENERIC = ("kafka client other", "faust/mode", "asyncio loop")
+"""Parts a sample is charged to only when no other part's frame is on its stack (a socket write made for a
+Redis call is the cache's, one made for a produce request is publishing's)."""
+
+
+def classify(frames: list[str]) -> str:
+    fallback = None
+    for frame in reversed(frames):
+        for part, needles in PARTS:
+            if any(needle in frame for needle in needles):
+                if part not in GENERIC:
+                    return part
+                fallback = fallback or part
+    return fallback or "other"
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
+
+
+def _answered(port: int) -> int:
+    try:
+        return int(json.loads(_get(port, "/status"))[MODEL]["answered"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _batches(port: int) -> int:
+    match = re.search(r'^streamscore_batch_messages_count\{model="fraud"\} (\S+)$', _get(port, "/metrics"), re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+async def _send(settings: Settings, requests: list[dict[str, Any]], rate: float) -> float:
+    """One request per message at ``rate`` (paced by the wall clock); returns how far behind schedule the
+    sender ever fell (s)."""
+    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all", linger_ms=0)
+    await producer.start()
+    topic = topics.requests(settings.topic_prefix, MODEL)
+    behind = 0.0
+    try:
+        started = time.perf_counter()
+        futures = []
+        for index, request in enumerate(requests):
+            due = started + index / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            behind = max(behind, time.perf_counter() - due)
+            request["sent_ms"] = int(time.time() * 1000)
+            futures.append(await producer.send(topic, msgpack.packb(request), key=request["id"].encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return behind
+
+
+def _top_functions(raw: Path, limit: int) -> tuple[int, list[tuple[str, float]], dict[str, float]]:
+    """(samples, the functions with the largest inclusive share, share per part) of a py-spy raw profile."""
+    inclusive: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        parts[classify(frames)] += count
+        for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
+            inclusive[function] += count
+    total = max(total, 1)
+    skip = ("<module>", "runpy", "click/", "run_worker", "cli.py", "mode/worker.py", "run_forever", "_run_once",
+            "run_until_complete", "Handle._run", "Thread.", "threading.py")
+    top = [(function, count / total) for function, count in inclusive.most_common()
+           if not any(needle in function for needle in skip)][:limit]
+    return total, top, {part: count / total for part, count in parts.most_common()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = f"batchcost-{uuid.uuid4().hex[:6]}"
+    env = {"STREAMSCORE_TOPIC_PREFIX": prefix, "STREAMSCORE_WORKER__WEB_PORT": str(args.port),
+           "STREAMSCORE_MODELS_DIR": str(args.library)}
+    settings = Settings(**{key: value for key, value in Settings().model_dump().items()
+                           if key not in ("topic_prefix", "models_dir")}, topic_prefix=prefix,
+                        models_dir=args.library)
+    asyncio.run(ensure_topics(settings, [topics.requests(prefix, MODEL), topics.predictions(prefix, MODEL)],
+                              settings.worker.partitions))
+    scratch = Path(tempfile.mkdtemp(prefix="batch-cost-"))
+    log = open(scratch / "worker.log", "wb")  # noqa: SIM115 - open for the worker's lifetime
+    worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
+                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    raw = scratch / "profile.txt"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if json.loads(_get(args.port, "/readyz")).get("ready"):
+                    break
+            except (OSError, ValueError):
+                pass
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not get ready: {scratch / 'worker.log'}")
+            time.sleep(0.5)
+        count = int(args.rate * args.seconds)
+        print(f"warming: {count} requests (the load phase's entities: a warm cache)", flush=True)
+        asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix="warm")), args.warm_rate))
+        while _answered(args.port) < count:
+            time.sleep(0.2)
+        time.sleep(3)  # the last batch's commit and the prediction log's flush
+        print(f"idle: {args.idle_s:.0f} s", flush=True)
+        idle_cpu, idle_started = process_cpu_s(worker.pid), time.monotonic()
+        time.sleep(args.idle_s)
+        idle_share = (process_cpu_s(worker.pid) - idle_cpu) / (time.monotonic() - idle_started)  # type: ignore[operator]
+        print(f"light load: {args.rate:.0f} requests/s for {args.seconds:.0f} s", flush=True)
+        requests = list(demo_requests(count, seed=6, id_prefix="load"))
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                                    "--pid", str(worker.pid), "--duration", str(int(args.seconds) + 60), "--rate",
+                                    "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        batches_before, answered_before = _batches(args.port), _answered(args.port)
+        load_cpu, load_started = process_cpu_s(worker.pid), time.monotonic()
+        behind = asyncio.run(_send(settings, requests, args.rate))
+        while _answered(args.port) < answered_before + len(requests) and time.monotonic() - load_started < 300:
+            time.sleep(0.05)
+        load_s = time.monotonic() - load_started
+        load_cpu_s = process_cpu_s(worker.pid) - load_cpu  # type: ignore[operator]
+        batches = _batches(args.port) - batches_before
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(60)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        log.close()
+    result: dict[str, Any] = {
+        "idle_s": args.idle_s, "idle_share_of_a_core": idle_share, "rate": args.rate, "seconds": args.seconds,
+        "requests": len(requests), "batches": batches, "load_phase_s": load_s, "load_cpu_s": load_cpu_s,
+        "cpu_ms_per_batch": 1000 * (load_cpu_s - idle_share * load_s) / max(1, batches),
+        "cpu_ms_per_batch_with_idle": 1000 * load_cpu_s / max(1, batches),
+        "sender_most_behind_ms": round(1000 * behind, 1),
+        "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "label": args.label,
+    }
+    if args.profile and raw.is_file():
+        samples, top, parts = _top_functions(raw, 25)
+        result["profile"] = {"samples": samples, "top_inclusive": top, "parts": parts}
+    return result
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# A worker's CPU at idle and per one-request batch ({result['label']})\n",
+        f"{result['date']}, {result['machine']['cores']} cores, load {result['machine']['load_avg'][0]:.1f}.\n",
+        "| measure | value | target |\n|---|---:|---:|",
+        f"| idle, share of one core ({result['idle_s']:.0f} s) | {100 * result['idle_share_of_a_core']:.2f}% | 2% |",
+        f"| CPU per one-request batch at {result['rate']:.0f}/s, beyond idle | "
+        f"{result['cpu_ms_per_batch']:.2f} ms | 1 ms |",
+        f"| the same, idle included | {result['cpu_ms_per_batch_with_idle']:.2f} ms | |",
+        f"| batches ({result['requests']:,} requests in {result['load_phase_s']:.1f} s) | {result['batches']:,} | |",
+        f"| sender most behind its schedule | {result['sender_most_behind_ms']} ms | |",
+    ]
+    profile = result.get("profile")
+    if profile:
+        lines += ["", f"## Where the load phase's CPU went (py-spy, {profile['samples']:,} samples)\n",
+                  "| part of the per-batch path | share of samples | ms per batch |", "|---|---:|---:|"]
+        per_batch = result["cpu_ms_per_batch_with_idle"]
+        lines += [f"| {part} | {100 * share:.1f}% | {share * per_batch:.2f} |"
+                  for part, share in profile["parts"].items()]
+        lines += ["", "| function (inclusive) | share of samples |", "|---|---:|"]
+        lines += [f"| `{function[:110]}` | {100 * share:.1f}% |" for function, share in profile["top_inclusive"]]
+    (out / "batch_cost.md").write_text("\n".join(lines) + "\n")
+    if profile:
+        _plot(out / "batch_cost.png", result)
+
+
+def _plot(path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = result["profile"]["parts"]
+    names = list(parts)[::-1]
+    per_batch = result["cpu_ms_per_batch_with_idle"]
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    axis.barh(names, [parts[name] * per_batch for name in names])
+    axis.set_xlabel("CPU ms per one-request batch")
+    axis.set_title(f"Worker CPU per batch at {result['rate']:.0f}/s: {per_batch:.2f} ms "
+                   f"(beyond idle {result['cpu_ms_per_batch']:.2f})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--idle-s", type=float, default=30.0)
+    parser.add_argument("--warm-rate", type=float, default=2_000.0)
+    parser.add_argument("--profile", action="store_true", help="Sample the load phase with py-spy.")
+    parser.add_argument("--label", default="main")
+    parser.add_argument("--library", type=Path, default=Path("demo-data/models"))
+    parser.add_argument("--port", type=int, default=16193, help="The worker's web port.")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if not (args.library / MODEL).is_dir():
+        sys.exit(f"no demo model in {args.library / MODEL}: run `make demo` first")
+    result = run(args)
+    _write(result, args.out)
+    print((args.out / "batch_cost.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
