@@ -53,6 +53,7 @@ from streamscore.settings import Settings
 
 from . import topics
 from .kafka import client_kwargs
+from .offsets import stable_committed
 from .records import Inbound, Outbound
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,8 @@ class _Rebalance(ConsumerRebalanceListener):
             await self.delivery.drain(f"{len(revoked)} partitions revoked")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self.delivery.exactly_once:
+            await self.delivery.seek_to_stable_offsets(assigned)
         self.delivery.assigned = len(assigned)
         self.delivery.joined = True
         kept = set(assigned)
@@ -405,6 +408,25 @@ class BatchDelivery(mode.Service):
         )
         await self.consumer.start()
         self.consumer.subscribe(sorted(self.channels), listener=_Rebalance(self))
+
+    async def seek_to_stable_offsets(self, assigned: Sequence[TopicPartition]) -> None:
+        """exactly_once: start each assigned partition at the group's committed offset read stable (after any
+        transaction still holding its offsets ended: ``streams/offsets.py``), not at the offset before it. If
+        that read fails, the consumer's own (plain) read is used, which may repeat a batch, never lose one."""
+        assert self.consumer is not None
+        timeout_s = self.settings.worker.transaction_timeout_ms / 1000 + 10
+        started = time.monotonic()
+        try:
+            offsets = await stable_committed(self.consumer, self.group_id, assigned, timeout_s)
+        except Exception as exc:
+            log.warning("reading the committed offsets stable failed (%r): starting from the plain committed "
+                        "offsets, which may repeat a batch whose transaction was just committed", exc)
+            return
+        for tp, offset in offsets.items():
+            self.consumer.seek(tp, offset)
+        waited = time.monotonic() - started
+        if waited > 0.2:
+            log.info("waited %.1f s for %d partitions' offsets held by a transaction", waited, len(assigned))
 
     async def publish(self, flight: Flight, messages: Sequence[Outbound],
                       substitute: Substitute | None = None) -> asyncio.Future:

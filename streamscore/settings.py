@@ -364,8 +364,9 @@ class WorkerSettings(_Strict):
     letters; a crash may repeat a batch's answers (keyed by request id, so readers can drop repeats).
     ``exactly_once``: each batch's predictions, dead letters, shadow records and consumed offsets are
     committed in one Kafka transaction, so a reader with ``isolation.level=read_committed`` sees every request
-    answered once, even across a crash (the SDK reads that way). Costs a transaction per batch, and readers
-    see a batch only once it is committed. Set ``worker_id`` to a name stable across restarts (a pod name):
+    answered once, even across a crash or a rebalance (the SDK reads that way; a worker assigned partitions
+    starts at the offsets the previous owner's last transaction committed, waiting while one still holds
+    them). Costs a transaction per batch, and readers see a batch only once it is committed. Set ``worker_id`` to a name stable across restarts (a pod name):
     it makes the transactional id, so a restarted worker fences its dead self at once instead of after
     ``transaction_timeout_ms``."""
     transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
