@@ -314,6 +314,9 @@ class WorkerSettings(_Strict):
     """How often the worker looks for a newer model version in the library (0 turns it off)."""
     max_batches_in_flight: int = 4
     """Batches fetched but not yet acknowledged and committed; bounds memory and repeats after a crash."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The worker's event loop: ``uvloop`` (libuv's, in C: about a third less CPU per small batch than asyncio's
+    own in one run, bench/results/batch_cost.md) or ``asyncio`` (the standard library's)."""
     commit_interval_ms: int = Field(default=100, ge=0)
     """at_least_once: the offsets of acknowledged batches are committed at most this often (one commit request
     covers every batch acknowledged meanwhile); 0 commits after each batch. A batch's offsets are never
@@ -366,9 +369,9 @@ class WorkerSettings(_Strict):
     committed in one Kafka transaction, so a reader with ``isolation.level=read_committed`` sees every request
     answered once, even across a crash or a rebalance (the SDK reads that way; a worker assigned partitions
     starts at the offsets the previous owner's last transaction committed, waiting while one still holds
-    them). Costs a transaction per batch, and readers see a batch only once it is committed. Set ``worker_id`` to a name stable across restarts (a pod name):
-    it makes the transactional id, so a restarted worker fences its dead self at once instead of after
-    ``transaction_timeout_ms``."""
+    them). Costs a transaction per batch, and readers see a batch only once it is committed. Set
+    ``worker_id`` to a name stable across restarts (a pod name): it makes the transactional id, so a restarted
+    worker fences its dead self at once instead of after ``transaction_timeout_ms``."""
     transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
     """exactly_once: how long a transaction left open by a worker that died may hold back read_committed
     readers of its partitions before the broker aborts it."""

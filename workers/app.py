@@ -632,11 +632,25 @@ class _BoundedWorker(faust.Worker):
                         "(STREAMSCORE_WORKER__SHUTDOWN_TIMEOUT_S); batches not committed will be read again")
 
 
+def _use_event_loop(name: str) -> None:
+    """Make the worker's event loop uvloop's (``worker.event_loop``), before Faust asks for a loop."""
+    if name != "uvloop":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("worker.event_loop is uvloop but uvloop is not installed (pip install uvloop): running on "
+                    "asyncio's own loop; set STREAMSCORE_WORKER__EVENT_LOOP=asyncio to say so")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def run_worker(settings: Settings, model_names: Sequence[str], loglevel: str = "info",
                customize: Customize | None = None) -> None:
     """Run the worker in the foreground until SIGTERM/SIGINT, or until its watchdog finds it cannot make
     progress (then it exits with code 70, so that its supervisor restarts it)."""
     holder: list[_BoundedWorker] = []
+    _use_event_loop(settings.worker.event_loop)
     watchdog = Watchdog(None, settings.worker.stall_timeout_s, lambda reason: holder[0].stop_on_stall(reason))
     app, _ = create_app(settings, model_names, watchdog, customize)
     _tune_gc()
