@@ -6,7 +6,8 @@ The contract, as ``FeatureStore`` uses it (``tests/contract/test_cache_tier.py``
 batch when the tier is down: the store then reads everything from the online store); ``put_many`` fills misses
 after a read-through and never replaces an entry that is there; a write calls ``fence`` before it writes the
 online store (raising ``CacheInvalidationFailed`` refuses the write) and ``settle`` after; the counters
-``hits``, ``misses`` and ``bypassed`` and ``available`` feed the worker's /status and /metrics.
+``hits``, ``misses``, ``near_hits`` (those of the hits served from the worker's own memory) and ``bypassed`` and
+``available`` feed the worker's /status and /metrics.
 
 The Redis implementation. Key: ``<prefix>:fv:<view>:<entity>``. Value: the row packed as little-endian
 ``int64 event_ts_ms`` followed by one ``float64`` per feature (fixed width per view, so a whole batch of hits is
@@ -33,6 +34,15 @@ read-through fill is ``SET NX EX``: it never replaces a fence or a row a writer 
 read the old row just before a write cannot cache it afterwards, as long as its read-through (Cassandra read to
 cache fill) and the write take less than ``fence_s`` each.
 
+The near cache (``nearcache.NearCache``, ``near_cache_entries`` > 0): the entries a worker read from Redis are also
+kept in its memory and served from there without asking Redis, while Redis tracks the feature keys for it and
+tells it of every change (a writer's fence in step 1 is such a change, so is anything else that touches a key).
+The bound, stated plainly: a copy in memory may still be served after a write in another process until that
+write's invalidation reaches this worker, milliseconds after Redis took the fence (the time Redis takes to send
+it and this worker's event loop to read it; longer only if this worker's loop is blocked). A write through this
+tier drops its own copies at once, so this process's next read sees it. Without the invalidation listener (not
+up yet, lost, refused) nothing is served from memory (see ``nearcache``).
+
 Redis is an accelerator for readers, never a dependency: when it does not answer, reads skip it, a warning is
 logged (once per outage) and ``bypassed`` counts the batches that went straight to Cassandra. Writers need it
 (see above): a write it did not fence could be hidden by a stale cached row until ``cache_ttl_s``.
@@ -54,6 +64,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
+from streamscore.featurestore.nearcache import NearCache
 from streamscore.settings import RedisSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +79,8 @@ class CacheTier(Protocol):
     """Entries asked for and not there (or fenced): read through to the online store."""
     bypassed: int
     """Batches served without the tier because it did not answer."""
+    near_hits: int
+    """Of ``hits``, those served from the worker's own memory without a round trip (0 without a near cache)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CacheTier:
@@ -142,7 +155,13 @@ class FeatureCache:
         self.bypassed = 0
         """Batches served without the cache because Redis did not answer."""
         self.hits = 0
+        """Entries served by the tier (from Redis or the near cache)."""
         self.misses = 0
+        self.near_hits = 0
+        """Of ``hits``, those the near cache served (no round trip to Redis)."""
+        self.near = (NearCache(settings, prefix, self.client.connection_pool) if settings.near_cache_entries > 0
+                     else None)
+        """The entries kept in this process's memory, coherent through Redis's invalidations; None when off."""
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._no_eval = False
@@ -167,18 +186,40 @@ class FeatureCache:
         if not self.available:
             self.bypassed += 1
             return None
+        names = [self.key(view, entity) for view, entity in keys]
+        near = self.near
+        if near is None or not near.start():
+            raw = await self._mget(names)
+        else:
+            raw = near.lookup(names)
+            wanted = [position for position, value in enumerate(raw) if value is None]
+            if wanted:  # else: every entry was in memory, Redis is not asked
+                asked = [names[position] for position in wanted]
+                version = near.version  # before the MGET: an invalidation while it is in flight keeps nothing
+                fetched = await self._mget(asked)
+                if fetched is None:
+                    return None
+                near.fill(asked, fetched, version)
+                for position, value in zip(wanted, fetched, strict=True):
+                    raw[position] = value
+            self.near_hits += len(raw) - len(wanted)
+        if raw is None:
+            return None
+        hit_count = len(raw) - raw.count(None)
+        self.hits += hit_count
+        self.misses += len(raw) - hit_count
+        return raw
+
+    async def _mget(self, names: list[str]) -> list[bytes | None] | None:
+        """One MGET, fences as misses; None (counted as bypassed) when Redis did not answer."""
         try:
-            replies = await self.client.mget([self.key(view, entity) for view, entity in keys])
+            replies = await self.client.mget(names)
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
             self.bypassed += 1
             return None
         self._mark_up()
-        raw = without_fences(replies)  # type: ignore[arg-type]  # bytes: the client does not decode responses
-        hit_count = len(raw) - raw.count(None)
-        self.hits += hit_count
-        self.misses += len(raw) - hit_count
-        return raw
+        return without_fences(replies)  # type: ignore[arg-type]  # bytes: the client does not decode responses
 
     async def put_many(self, entries: Sequence[tuple[str, str, bytes]]) -> None:
         """Cache packed rows (see ``pack_row``) read from the store, only where no entry is (``SET NX``): a
@@ -200,6 +241,7 @@ class FeatureCache:
         fences = Fences(view, FENCE + os.urandom(TOKEN_BYTES))
         if not entities:
             return fences
+        self._forget(view, entities)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for entity in entities:
@@ -218,6 +260,7 @@ class FeatureCache:
         this writer's fence, and was not contended, becomes its row (atomically); every other entity gets the
         plain fence for ``fence_s``. One pipeline; raises ``CacheInvalidationFailed`` (``written``) when Redis
         failed."""
+        self._forget(fences.view, entities)  # again: no fill that raced with the fence stays in memory
         publish = [entity for entity in entities if entity in rows and entity not in fences.contended]
         plain = [entity for entity in entities if entity not in rows or entity in fences.contended]
         if self._no_eval:
@@ -247,6 +290,11 @@ class FeatureCache:
         if refused is not None:
             raise CacheInvalidationFailed(self.settings, fences.view, len(entities), refused, written=True)
 
+    def _forget(self, view: str, entities: Sequence[str]) -> None:
+        """A write of this process: its entities leave the near cache now, not when Redis says so."""
+        if self.near is not None:
+            self.near.invalidate([self.key(view, entity) for entity in entities])
+
     def _mark_down(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
@@ -267,6 +315,8 @@ class FeatureCache:
             raise CacheUnusable(redis_problem(self.settings, self.prefix, exc)) from exc
 
     async def close(self) -> None:
+        if self.near is not None:
+            await self.near.close()
         await self.client.aclose()
 
 

@@ -213,6 +213,17 @@ class RedisSettings(_Strict):
     write could cache it after the fence is gone."""
     socket_timeout_s: float = 0.5
     """A slow Redis must not stall a batch: after this the cache is bypassed."""
+    near_cache_entries: int = Field(default=100_000, ge=0)
+    """Most feature rows (and negative entries) a worker keeps in its own memory, in front of Redis (the near
+    cache; the oldest stored goes first when full); 0 turns it off. A batch whose rows are all there asks Redis
+    nothing. Kept coherent by Redis (client-side caching: ``CLIENT TRACKING`` in broadcast mode on the feature
+    keys, one extra connection per worker): a write anywhere drops the copies of every worker, within the time
+    Redis takes to tell them (milliseconds). While that connection is not up nothing is served from memory. The
+    Redis user needs ``+client|id +client|tracking +subscribe +ping`` and the channel ``&__redis__:invalidate``
+    (Redis 6 or later); without them the worker logs one warning and reads Redis for every batch."""
+    near_cache_ttl_s: float = Field(default=30.0, gt=0)
+    """Longest a row stays in the near cache (at most ``cache_ttl_s``): a safety net only, since writes drop
+    the copies at once."""
 
     @model_validator(mode="before")
     @classmethod

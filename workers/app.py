@@ -532,7 +532,10 @@ def _declare_reporting(app: faust.App, agents: dict[str, ModelScorer], store: Fe
         values = {"streamscore_store_read_errors": ("Cassandra reads that failed (defaults used)",
                                                     float(store.store_errors))}
         if cache is not None:
-            values |= {"streamscore_cache_hits": ("Feature rows served by Redis", float(cache.hits)),
+            values |= {"streamscore_cache_hits": ("Feature rows served by the cache (Redis or the near cache)",
+                                                  float(cache.hits)),
+                       "streamscore_cache_near_hits": ("Of those, feature rows served from the worker's near cache "
+                                                       "(no Redis round trip)", float(cache.near_hits)),
                        "streamscore_cache_misses": ("Feature rows read through to Cassandra", float(cache.misses)),
                        "streamscore_cache_bypassed": ("Batches served without Redis (it did not answer)",
                                                       float(cache.bypassed))}
@@ -591,7 +594,8 @@ def _store_counters(store: FeatureStore) -> dict[str, Any]:
     cache = store.cache
     return {
         "cache": None if cache is None else {"bypassed": cache.bypassed, "hits": cache.hits,
-                                             "misses": cache.misses, "available": cache.available},
+                                             "near_hits": cache.near_hits, "misses": cache.misses,
+                                             "available": cache.available},
         "store_errors": store.store_errors,
     }
 

@@ -25,11 +25,11 @@ import pytest
 import redis
 from cassandra.cluster import Session
 
-from streamscore.featurestore.cache import FENCE, TOKEN_BYTES, CacheInvalidationFailed, pack_row
+from streamscore.featurestore.cache import FENCE, TOKEN_BYTES, CacheInvalidationFailed, FeatureCache, pack_row
 from streamscore.featurestore.cassandra import CassandraStore
 from streamscore.featurestore.store import FeatureStore
 from streamscore.featurestore.views import parse_views
-from streamscore.settings import Settings
+from streamscore.settings import RedisSettings, Settings
 
 HOST = "127.0.0.1"
 RESERVED_PORTS = {6379, 16379, 9042, 7000, *range(9090, 9100)}
@@ -40,7 +40,7 @@ VIEWS_DOC = {"views": [
 ]}
 VIEWS = parse_views(VIEWS_DOC)
 PASSWORDS = {"admin": "adm1n-pw", "reader": "r3ader-pw", "writer": "wr1ter-pw", "fencer": "f3ncer-pw",
-             "readonly": "r3adonly-pw"}
+             "readonly": "r3adonly-pw", "tracker": "tr4cker-pw"}
 ACL = [
     "user default off",
     f"user admin on >{PASSWORDS['admin']} ~* &* +@all",  # the test's own look at the keys
@@ -53,6 +53,9 @@ ACL = [
     f"user fencer on >{PASSWORDS['fencer']} ~*:fv:* +mget +set",
     # may read, may not write: the fence is refused with NOPERM
     f"user readonly on >{PASSWORDS['readonly']} ~* +get +mget",
+    # a reader with what the near cache's invalidation listener needs besides
+    f"user tracker on >{PASSWORDS['tracker']} ~*:fv:* &__redis__:invalidate +mget +set +client|id "
+    "+client|tracking +subscribe +ping",
 ]
 
 
@@ -376,3 +379,43 @@ def test_the_cli_reports_a_refused_write_in_one_line(world: World, tmp_path: Pat
     assert "wrote 1 rows" in accepted.stderr
     assert world.stored("card-X") == (99.0, 2_000)
     assert world.cached("card-X") == pack_row([99.0, 0.0], 2_000)
+
+
+def test_the_near_cache_runs_with_its_grants_and_without_them_says_once_what_to_grant(
+        acl_redis: AclRedis, caplog: pytest.LogCaptureFixture) -> None:
+    row, key = pack_row([1.0, 0.0], 1_000), ("card", "card-N")
+
+    def tier(user: str) -> FeatureCache:
+        return FeatureCache(RedisSettings(port=acl_redis.port, username=user, password=PASSWORDS[user]),
+                            f"nc{uuid.uuid4().hex[:8]}")
+
+    async def scenario() -> None:
+        refused, granted = tier("reader"), tier("tracker")
+        granted.prefix = refused.prefix
+        try:
+            await granted.put_many([(*key, row)])
+            with caplog.at_level(logging.WARNING, logger="streamscore.featurestore.nearcache"):
+                deadline = time.monotonic() + 2
+                while refused.near.refused is None:  # type: ignore[union-attr]
+                    assert await refused.get_many([key]) == [row], "a refused listener fails no read"
+                    assert time.monotonic() < deadline, "Redis's refusal within 2 s"
+                    await asyncio.sleep(0.01)
+                for _ in range(3):
+                    assert await refused.get_many([key]) == [row]
+            warnings = [record.getMessage() for record in caplog.records if "near cache" in record.getMessage()]
+            assert len(warnings) == 1, warnings
+            assert "as user 'reader' refused the near cache's invalidation listener (NoPermissionError" in warnings[0]
+            assert all(grant in warnings[0] for grant in ("+client|id", "+client|tracking", "+subscribe", "+ping",
+                                                         "&__redis__:invalidate", "NEAR_CACHE_ENTRIES=0"))
+            assert refused.near_hits == 0 and not refused.near.serving  # type: ignore[union-attr]
+
+            deadline = time.monotonic() + 2
+            while granted.near_hits < 2:  # the grants above are enough: rows come from memory
+                assert await granted.get_many([key]) == [row]
+                assert time.monotonic() < deadline, f"near hits with the grants: {granted.near.refused}"  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        finally:
+            await refused.close()
+            await granted.close()
+
+    asyncio.run(scenario())
