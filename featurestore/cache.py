@@ -195,7 +195,7 @@ class FeatureCache:
             wanted = [position for position, value in enumerate(raw) if value is None]
             if wanted:  # else: every entry was in memory, Redis is not asked
                 asked = [names[position] for position in wanted]
-                version = near.version  # before the MGET: an invalidation while it is in flight keeps nothing
+                version = near.version  # before the MGET: a key invalidated while it is in flight is not kept
                 fetched = await self._mget(asked)
                 if fetched is None:
                     return None

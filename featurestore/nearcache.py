@@ -47,6 +47,8 @@ INVALIDATIONS = "__redis__:invalidate"
 _PING_AFTER_S = 1.0
 """A listener that heard nothing for this long pings Redis (an idle link may have died without a word)."""
 
+_RECENT_KEYS = 4096
+"""Invalidated keys remembered for the fills in flight (an MGET takes at most ``socket_timeout_s``)."""
 _RETRY_AFTER_S = 1.0
 _RETRY_MAX_S = 30.0
 """Reconnection backoff of the listener: doubled after each failed attempt, up to this."""
@@ -64,8 +66,13 @@ class NearCache:
         self._entries: dict[str, tuple[bytes, float]] = {}
         """Redis key -> (raw value, monotonic time it leaves), oldest stored first."""
         self.version = 0
-        """Invalidations (and losses of the listener) seen so far: an MGET's entries are kept only when this did
-        not move while it was in flight."""
+        """Invalidations (and losses of the listener) seen so far: an MGET's entry is kept only when its key was
+        not invalidated (nor everything cleared) after this was read, before the MGET."""
+        self._invalidated: dict[str, int] = {}
+        """Key -> ``version`` of its last invalidation, for the fills in flight; forgotten wholesale past
+        ``_RECENT_KEYS`` keys (then ``_floor`` moves up and older fills keep nothing)."""
+        self._floor = 0
+        """A fill whose ``version`` is below this keeps nothing (everything was cleared, or forgotten, since)."""
         self.serving = False
         """The listener is connected and subscribed: entries may be served and kept."""
         self.refused: str | None = None
@@ -103,15 +110,17 @@ class NearCache:
         return found
 
     def fill(self, keys: Sequence[str], values: Sequence[bytes | None], version: int) -> int:
-        """Keeps the non-None ``values`` an MGET returned for ``keys`` (fences already replaced by None), unless
-        an invalidation arrived since ``version`` was read before it or the listener is not up; how many."""
-        if not self.serving or version != self.version:
+        """Keeps the non-None ``values`` an MGET returned for ``keys`` (fences already replaced by None), except
+        those of keys invalidated since ``version`` was read before it (all of them after a clear, or while the
+        listener is not up); how many."""
+        if not self.serving or version < self._floor:
             return 0
+        invalidated = self._invalidated
         entries, capacity = self._entries, self.capacity
         leaves = time.monotonic() + self.lifetime_s
         kept = 0
         for key, value in zip(keys, values, strict=True):
-            if value is None:
+            if value is None or invalidated.get(key, -1) >= version:
                 continue
             entries.pop(key, None)  # stored again: it is the newest
             while len(entries) >= capacity:
@@ -122,14 +131,20 @@ class NearCache:
 
     def invalidate(self, keys: Iterable[str]) -> None:
         """Drops ``keys`` (a write of this process, or Redis said they changed)."""
-        self.version += 1
-        entries = self._entries
+        entries, invalidated, version = self._entries, self._invalidated, self.version
         for key in keys:
             entries.pop(key, None)
+            invalidated[key] = version
+        self.version = version + 1
+        if len(invalidated) > _RECENT_KEYS:
+            invalidated.clear()
+            self._floor = self.version
 
     def clear(self) -> None:
         self.version += 1
+        self._floor = self.version
         self._entries.clear()
+        self._invalidated.clear()
 
     async def close(self) -> None:
         """Stops the listener and closes its connection; harmless twice."""

@@ -27,12 +27,19 @@ def message(keys: list[bytes] | None) -> list[object]:
     return [b"message", INVALIDATIONS.encode(), keys]
 
 
-def test_an_invalidation_between_the_count_and_the_reply_keeps_nothing() -> None:
+def test_a_key_invalidated_between_the_count_and_the_reply_is_not_kept() -> None:
     cache = near()
     version = cache.version  # taken before the MGET
-    cache.handle(message([b"p:fv:card:other"]))  # any invalidation while the MGET is in flight
-    assert cache.fill(["p:fv:card:a", "p:fv:card:b"], [ROW_A, MISSING], version) == 0
-    assert cache.lookup(["p:fv:card:a", "p:fv:card:b"]) == [None, None]
+    cache.handle(message([b"p:fv:card:a"]))  # its invalidation while the MGET is in flight
+    assert cache.fill(["p:fv:card:a", "p:fv:card:b"], [ROW_A, MISSING], version) == 1, \
+        "the key invalidated meanwhile must not be kept, the other one is"
+    assert cache.lookup(["p:fv:card:a", "p:fv:card:b"]) == [None, MISSING]
+    version = cache.version
+    cache.handle(message(None))  # everything cleared meanwhile (FLUSHDB): nothing is kept
+    assert cache.fill(["p:fv:card:c"], [ROW_A], version) == 0
+    version = cache.version
+    cache.handle(message([f"p:fv:card:x{n}".encode() for n in range(5000)]))  # more than it remembers
+    assert cache.fill(["p:fv:card:c"], [ROW_A], version) == 0, "a fill older than what was forgotten keeps nothing"
     version = cache.version
     assert cache.fill(["p:fv:card:a", "p:fv:card:b", "p:fv:card:c"], [ROW_A, MISSING, None], version) == 2
     assert cache.lookup(["p:fv:card:a", "p:fv:card:b", "p:fv:card:c"]) == [ROW_A, MISSING, None], \
