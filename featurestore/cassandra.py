@@ -20,7 +20,7 @@ from typing import Any
 from cassandra import AuthenticationFailed, InvalidRequest, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.policies import ExponentialReconnectionPolicy
+from cassandra.policies import ConstantSpeculativeExecutionPolicy, ExponentialReconnectionPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
 from streamscore.settings import CassandraSettings, Settings
@@ -57,6 +57,11 @@ def connect(settings: CassandraSettings) -> tuple[Cluster, Session]:
         consistency_level=replication.read_consistency(settings),
         request_timeout=settings.request_timeout_s,
         row_factory=tuple_factory,
+        # a feature read (idempotent) whose coordinator is slow to answer is also sent to the next node of the
+        # query plan: one node stalling (starting, a GC pause, dying) then costs that delay, not a default
+        speculative_execution_policy=(
+            ConstantSpeculativeExecutionPolicy(settings.speculative_execution_ms / 1000, 1)
+            if settings.speculative_execution_ms else None),
     )
     cluster = Cluster(
         contact_points=settings.hosts,
@@ -251,6 +256,8 @@ class CassandraStore(OnlineStore):
         self._select_in[view.name] = self.session.prepare(
             f"SELECT entity, {names}, event_ts_ms FROM {self._table(view)} WHERE entity IN ?"
         )
+        for read in (self._select[view.name], self._select_in[view.name]):
+            read.is_idempotent = True  # what lets the driver send it to a second node (speculative_execution_ms)
         self._insert[view.name] = self.session.prepare(
             f"INSERT INTO {self._table(view)} (entity, {names}, event_ts_ms) VALUES (?, {marks}, ?) USING TTL ?"
         )

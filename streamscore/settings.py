@@ -154,6 +154,11 @@ class CassandraSettings(_Strict):
     time each, a 32-key IN ~0.08 ms per key. 1 gives one token-aware read per key (big clusters, few misses)."""
     request_timeout_s: float = 2.0
     """Per-request timeout of the driver."""
+    speculative_execution_ms: float | None = Field(default=500.0, gt=0)
+    """A feature read not answered after this long is also sent to the next node of the driver's query plan
+    (cassandra-driver's speculative execution; reads are idempotent), the first answer wins: a coordinator
+    that stalls (starting, a GC pause, dying before the driver notices) costs this delay instead of
+    ``request_timeout_s`` and a defaulted answer. None: one node per read. No effect with one node."""
 
     @model_validator(mode="before")
     @classmethod

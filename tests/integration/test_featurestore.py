@@ -154,3 +154,15 @@ def test_a_batch_of_512_keys_is_one_round(store: FeatureStore) -> None:
 
     (card,) = run(_with_fresh_cache(store, scenario))
     assert np.array_equal(card.block.values[card.block.row_of_request][:, 0], np.arange(512, dtype=np.float32))
+
+
+def test_feature_reads_are_idempotent_and_speculated_after_the_configured_delay(store: FeatureStore) -> None:
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT
+
+    online = store.online
+    profile = online.session.get_execution_profile(EXEC_PROFILE_DEFAULT)  # type: ignore[attr-defined]
+    policy = profile.speculative_execution_policy
+
+    assert policy is not None and policy.delay == store.settings.cassandra.speculative_execution_ms / 1000
+    assert all(statement.is_idempotent for statement in [*online._select.values(), *online._select_in.values()])  # type: ignore[attr-defined]
+    assert not any(statement.is_idempotent for statement in online._insert.values())  # type: ignore[attr-defined]
