@@ -126,6 +126,9 @@ class _ConcurrentRound:
         self._session = session
         self._work = work
         self._results: list[Any] = [None] * len(work)
+        self._done = [False] * len(work)
+        """Per statement: its outcome came. The driver may report one twice (with speculative execution, each
+        execution that answers calls the callbacks): only the first counts."""
         self._next = 0
         self._pending = len(work)
         self._lock = threading.Lock()
@@ -162,8 +165,11 @@ class _ConcurrentRound:
         self._finish(index, exc)
 
     def _finish(self, index: int, result: Any) -> None:
-        self._results[index] = result
         with self._lock:
+            if self._done[index]:
+                return
+            self._done[index] = True
+            self._results[index] = result
             self._pending -= 1
             done = self._pending == 0
         if done:
