@@ -11,8 +11,9 @@ writer's fence or row, a reader's fill, ``DEL``, ``EXPIRE``, expiry, eviction) p
 Coherence:
 
 - an invalidation may be handled before the reply of an MGET that read the old value (the two come on different
-  connections). Every invalidation counts (``version``); an MGET's entries are kept only when no invalidation
-  arrived between the count taken before it and its reply;
+  connections). Every invalidation counts (``version``) and is remembered per key; an MGET's entry is kept only
+  when its key was not invalidated between the count taken before the MGET and its reply (nothing is kept when
+  everything was dropped meanwhile);
 - while the listener is not connected and subscribed (not started yet, connection lost, Redis down or refusing)
   nothing is served from memory nor kept, and everything is dropped the moment it fails; it reconnects with a
   backoff. A listener that hears nothing pings Redis and gives up when the answer is late, so a silently dead
