@@ -14,7 +14,8 @@ load phase's requests are sent once first), then measures its CPU (user + system
 With ``--profile`` (py-spy must be installed), py-spy samples the worker through the load phase; the report
 lists the functions with the largest share of the samples (inclusive: a function and what it calls) and
 charges each sample to one part of the per-batch path (``PARTS``, innermost match wins), so a cut can be aimed
-and checked. Writes ``batch_cost.{json,md,png}`` into ``--out``.
+and checked. Writes ``<--name>.{json,md,png}`` (``batch_cost`` by default) into ``--out``; the settings of the
+worker are the environment's (``STREAMSCORE_WORKER__EVENT_LOOP=asyncio`` ... measures what a setting saves).
 """
 
 from __future__ import annotations
@@ -220,9 +221,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _write(result: dict[str, Any], out: Path) -> None:
+def _write(result: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "batch_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# A worker's CPU at idle and per one-request batch ({result['label']})\n",
         f"{result['date']}, {result['machine']['cores']} cores, load {result['machine']['load_avg'][0]:.1f}.\n",
@@ -243,9 +244,9 @@ def _write(result: dict[str, Any], out: Path) -> None:
                   for part, share in profile["parts"].items()]
         lines += ["", "| function (inclusive) | share of samples |", "|---|---:|"]
         lines += [f"| `{function[:110]}` | {100 * share:.1f}% |" for function, share in profile["top_inclusive"]]
-    (out / "batch_cost.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     if profile:
-        _plot(out / "batch_cost.png", result)
+        _plot(out / f"{name}.png", result)
 
 
 def _plot(path: Path, result: dict[str, Any]) -> None:
@@ -277,12 +278,13 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=Path("demo-data/models"))
     parser.add_argument("--port", type=int, default=16193, help="The worker's web port.")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="batch_cost", help="File name of the results (NAME.json, .md, .png).")
     args = parser.parse_args()
     if not (args.library / MODEL).is_dir():
         sys.exit(f"no demo model in {args.library / MODEL}: run `make demo` first")
     result = run(args)
-    _write(result, args.out)
-    print((args.out / "batch_cost.md").read_text())
+    _write(result, args.out, args.name)
+    print((args.out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

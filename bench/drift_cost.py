@@ -6,9 +6,11 @@ profile (the drift stage has nothing to watch: monitoring off) and one with it (
 made here from the demo's training matrix and the artifact's own scores on it: monitoring on). Both hold the same
 artifact, so the difference is the drift stage's work.
 
-Each drain preloads ``--requests`` demo requests under a topic prefix of its own, then starts a fresh worker on
-one of the libraries (window ``--window-requests``) and lets it drain the backlog: the worker competes with
-nothing but the servers, and no producer runs beside it. Requests/s is answered / (last - first prediction's
+Each drain preloads ``--requests`` demo requests (the same ones each time) while no worker runs, then starts a
+fresh worker on one of the libraries (window ``--window-requests``) and lets it drain the backlog: the worker
+competes with nothing but the servers, and no producer runs beside it. Every drain uses the same topic prefix,
+so the worker group goes on from its committed offsets and the feature cache (keyed by the prefix) is warm
+after the warm-up drain, as in production. Requests/s is answered / (last - first prediction's
 Kafka timestamp). Each round drains once off and once on, off first in even rounds and on first in odd ones (a
 trend in the machine's load cancels out), ``--rounds`` rounds. Writes ``drift_cost.{json,md,png}`` into
 ``--out``: the median of each, and their ratio.
@@ -138,15 +140,31 @@ def _stage_seconds(port: int) -> dict[str, float]:
             if sample.name == "streamscore_stage_seconds_sum"}
 
 
-async def _prediction_stamps(settings: Settings, count: int, timeout: float = 60.0) -> list[int]:
-    """The Kafka timestamps of the first ``count`` predictions under the settings' prefix, read from the start."""
+async def _prediction_ends(settings: Settings) -> dict[TopicPartition, int]:
+    """The end offset of each partition of the predictions topic under the settings' prefix ({} before any)."""
+    topic = topics.predictions(settings.topic_prefix, MODEL)
+    partitions = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
+    if not partitions:
+        return {}
+    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
+
+
+async def _prediction_stamps(settings: Settings, count: int, since: dict[TopicPartition, int],
+                             timeout: float = 60.0) -> list[int]:
+    """The Kafka timestamps of ``count`` predictions under the settings' prefix, from the offsets ``since``."""
     topic = topics.predictions(settings.topic_prefix, MODEL)
     consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), enable_auto_commit=False)
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            consumer.seek(tp, since.get(tp, 0))
         stamps: list[int] = []
         deadline = time.monotonic() + timeout
         while len(stamps) < count and time.monotonic() < deadline:
@@ -167,18 +185,19 @@ def _answered(port: int) -> int:
         return 0
 
 
-def drain(library: Path, requests: int, window_requests: int, port: int, log: Path,
+def drain(library: Path, prefix: str, requests: int, window_requests: int, port: int, log: Path,
           timeout: float = 300.0) -> tuple[float, dict[str, float], int]:
-    """Preload ``requests`` under a fresh prefix, start a worker on ``library``, wait until it answered them all:
-    (requests/s from the predictions' Kafka timestamps, seconds per stage at its /metrics, drift windows logged
-    as drifted)."""
-    env = {"STREAMSCORE_TOPIC_PREFIX": f"driftcost-{uuid.uuid4().hex[:6]}", "STREAMSCORE_MODELS_DIR": str(library),
+    """Preload ``requests`` under ``prefix`` (no worker runs: the backlog waits after the group's committed
+    offsets), start a worker on ``library``, wait until it answered them all: (requests/s from the predictions'
+    Kafka timestamps, seconds per stage at its /metrics, drift windows logged as drifted)."""
+    env = {"STREAMSCORE_TOPIC_PREFIX": prefix, "STREAMSCORE_MODELS_DIR": str(library),
            "STREAMSCORE_WORKER__WEB_PORT": str(port),
            "STREAMSCORE_MONITORING__WINDOW_REQUESTS": str(window_requests)}
-    asyncio.run(preload(env, requests))
     settings = Settings(**{key: value for key, value in Settings().model_dump().items()
                            if key not in ("topic_prefix", "models_dir", "monitoring")},
-                        topic_prefix=env["STREAMSCORE_TOPIC_PREFIX"], models_dir=library)
+                        topic_prefix=prefix, models_dir=library)
+    since = asyncio.run(_prediction_ends(settings))
+    asyncio.run(preload(env, requests))
     with open(log, "wb") as output:
         worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
                                   env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
@@ -192,7 +211,7 @@ def drain(library: Path, requests: int, window_requests: int, port: int, log: Pa
         finally:
             worker.terminate()
             worker.wait(60)
-    stamps = asyncio.run(_prediction_stamps(settings, requests))
+    stamps = asyncio.run(_prediction_stamps(settings, requests, since))
     drifted = log.read_text(errors="replace").count("drift in ")
     return len(stamps) / max(1e-3, (max(stamps) - min(stamps)) / 1000), stages, drifted
 
@@ -219,11 +238,13 @@ def main() -> None:
     drift_share: list[float] = []
     """Per drain with drift on: the drift stage's share of the pipeline's time (from /metrics)."""
     windows = 0
-    warm, _, _ = drain(libraries["off"], args.requests, args.window_requests, args.port, scratch / "warm-up.log")
+    prefix = f"driftcost-{uuid.uuid4().hex[:6]}"  # one for every drain: the cache (keyed by it) stays warm
+    warm, _, _ = drain(libraries["off"], prefix, args.requests, args.window_requests, args.port,
+                       scratch / "warm-up.log")
     print(f"warm-up: {warm:,.0f} requests/s")
     for round_number in range(args.rounds):
         for mode in ("off", "on") if round_number % 2 == 0 else ("on", "off"):  # ABBA: a trend cancels out
-            rate, stages, drifted = drain(libraries[mode], args.requests, args.window_requests, args.port,
+            rate, stages, drifted = drain(libraries[mode], prefix, args.requests, args.window_requests, args.port,
                                           scratch / f"worker-{mode}-{round_number}.log")
             rates[mode].append(rate)
             if mode == "on":
