@@ -65,18 +65,22 @@ PARTS = [
     ("fetch", ("aiokafka/consumer/fetcher.py", "aiokafka/consumer/consumer.py", "getmany")),
     ("kafka client other", ("aiokafka/",)),
     ("faust/mode", ("faust/", "mode/")),
-    ("asyncio loop", ("asyncio/", "selectors.py")),
+    ("event loop", ("asyncio/", "selectors.py")),
 ]
 """Parts of the per-batch path, each by needles in a frame's text: a sample is charged to the innermost frame
 that matches one (a Redis call made by the feature cache is the cache's), the generic ones last."""
 
 
-GENERIC = ("kafka client other", "faust/mode", "asyncio loop")
+GENERIC = ("kafka client other", "faust/mode", "event loop")
+LOOP_RUNNERS = ("execute_from_commandline", "run_until_complete", "run_forever")
+"""A sample whose innermost Python frame is one of these is in the event loop's own C code (uvloop's)."""
 """Parts a sample is charged to only when no other part's frame is on its stack (a socket write made for a
 Redis call is the cache's, one made for a produce request is publishing's)."""
 
 
 def classify(frames: list[str]) -> str:
+    if frames and any(runner in frames[-1] for runner in LOOP_RUNNERS):
+        return "event loop"
     fallback = None
     for frame in reversed(frames):
         for part, needles in PARTS:
