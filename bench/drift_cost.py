@@ -218,7 +218,7 @@ def drain(library: Path, prefix: str, requests: int, window_requests: int, port:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=60_000)
+    parser.add_argument("--requests", type=int, default=300_000, help="Per drain (long enough to trust: seconds).")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of each (off, on), alternating.")
     parser.add_argument("--window-requests", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
