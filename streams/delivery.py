@@ -316,12 +316,15 @@ class _Rebalance(ConsumerRebalanceListener):
         self.delivery = delivery
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.delivery.revocations += 1  # a batch fetched before this is not dispatched after it (``_dispatch``)
+        self.delivery.rebalancing = True
         if revoked:
             await self.delivery.drain(f"{len(revoked)} partitions revoked")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if self.delivery.exactly_once:
             await self.delivery.seek_to_stable_offsets(assigned)
+        self.delivery.rebalancing = False
         self.delivery.assigned = len(assigned)
         self.delivery.joined = True
         kept = set(assigned)
@@ -376,6 +379,13 @@ class BatchDelivery(mode.Service):
         self._flushing = 0
         """Drains under way (a revocation, a stop): offsets are committed at once, not at the interval."""
         self._commit_failed = False
+        self.revocations = 0
+        """Rebalances that revoked this consumer's partitions so far."""
+        self.rebalancing = False
+        """Between a revocation and the next assignment: nothing fetched is dispatched."""
+        self.dropped_batches = 0
+        """Batches fetched before a revocation and dropped unprocessed (their partitions' next owner, maybe this
+        consumer again, reads them from the committed offsets)."""
         self._fetching = True
         self._fetch_stopped = asyncio.Event()
 
@@ -517,19 +527,25 @@ class BatchDelivery(mode.Service):
         while self._fetching and not self.should_stop:
             self.fetch_beat = time.monotonic()
             try:
+                revocations = self.revocations
                 fetched = await self.consumer.getmany(timeout_ms=self.fetch_wait_ms, max_records=self.batch_max)
                 by_topic: dict[str, list[tuple[TopicPartition, list[Any]]]] = {}
                 for tp, records in fetched.items():
                     by_topic.setdefault(tp.topic, []).append((tp, records))
                 for topic, parts in by_topic.items():
-                    await self._dispatch(topic, parts)
+                    await self._dispatch(topic, parts, revocations)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the fetch loop never dies: the watchdog would only see silence
                 log.warning("fetch failed (%r); retrying", exc, exc_info=not isinstance(exc, KafkaError))
                 await asyncio.sleep(0.5)
 
-    async def _dispatch(self, topic: str, parts: list[tuple[TopicPartition, list[Any]]]) -> None:
+    async def _dispatch(self, topic: str, parts: list[tuple[TopicPartition, list[Any]]],
+                        revocations: int | None = None) -> None:
+        """Hand a fetched batch to its agent as a flight. A batch fetched before a revocation (``revocations``:
+        the count when its fetch began) is dropped instead: the revocation's drain did not wait for it, and its
+        partitions' new owner reads it again from the committed offsets. Processed here too, it was answered
+        twice (under exactly_once, twice committed: seen at a worker's join in the cluster soak)."""
         records = [Inbound(record.value, record.key, record.topic, record.partition, record.offset)
                    for _, batch in parts for record in batch]
         next_offsets = {tp: batch[-1].offset + 1 for tp, batch in parts}
@@ -539,6 +555,12 @@ class BatchDelivery(mode.Service):
         finally:
             self.waiting_for_room = False
             self.fetch_beat = time.monotonic()
+        if revocations is not None and (revocations != self.revocations or self.rebalancing):
+            self._room.release()
+            self.dropped_batches += 1
+            log.info("a batch of %d messages fetched before the rebalance is left to the partitions' owner "
+                     "(read again from the committed offsets)", len(records))
+            return
         flight = Flight(records, next_offsets, asyncio.get_running_loop().create_future())
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()

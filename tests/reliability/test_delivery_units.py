@@ -512,3 +512,45 @@ def test_interval_zero_commits_after_each_batch() -> None:
         return _committed_offsets(batch_delivery.consumer)
 
     assert run(scenario()) == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------------------- rebalance
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.flights: list[Flight] = []
+
+    async def put(self, flight: Flight) -> None:
+        self.flights.append(flight)
+
+
+def test_a_batch_fetched_before_a_revocation_is_left_to_the_partitions_next_owner() -> None:
+    """The revocation's drain waits for the flights; a batch still between its fetch and its flight (waiting for
+    room) when partitions were revoked is dropped, not answered after the drain by an owner that may no longer
+    own its partitions (it was answered twice, committed twice under exactly_once)."""
+    from aiokafka import ConsumerRecord, TopicPartition
+
+    async def scenario() -> tuple[int, int, int]:
+        from streamscore.settings import Settings
+
+        channel = Channel()
+        batch_delivery = delivery.BatchDelivery(Settings(), {"p.m.requests": channel})
+        tp = TopicPartition("p.m.requests", 0)
+        record = ConsumerRecord("p.m.requests", 0, 5, 0, 0, b"k", b"v", None, 1, 1, [])
+        listener = delivery._Rebalance(batch_delivery)
+        before = batch_delivery.revocations
+        await listener.on_partitions_revoked([])  # a rebalance begins (nothing in flight to drain)
+        await batch_delivery._dispatch("p.m.requests", [(tp, [record])], before)  # fetched before it
+        during = batch_delivery.revocations
+        await batch_delivery._dispatch("p.m.requests", [(tp, [record])], during)  # fetched while it runs
+        dropped = len(channel.flights)
+        batch_delivery.consumer = None  # at_least_once: no stable read on assignment
+        await listener.on_partitions_assigned([tp])
+        await batch_delivery._dispatch("p.m.requests", [(tp, [record])], batch_delivery.revocations)
+        return dropped, len(channel.flights), batch_delivery.dropped_batches
+
+    dropped, dispatched, counted = run(scenario())
+
+    assert dropped == 0, "a batch fetched before or during the rebalance was dispatched"
+    assert dispatched == 1 and counted == 2
