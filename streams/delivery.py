@@ -542,10 +542,12 @@ class BatchDelivery(mode.Service):
 
     async def _dispatch(self, topic: str, parts: list[tuple[TopicPartition, list[Any]]],
                         revocations: int | None = None) -> None:
-        """Hand a fetched batch to its agent as a flight. A batch fetched before a revocation (``revocations``:
-        the count when its fetch began) is dropped instead: the revocation's drain did not wait for it, and its
-        partitions' new owner reads it again from the committed offsets. Processed here too, it was answered
-        twice (under exactly_once, twice committed: seen at a worker's join in the cluster soak)."""
+        """Hand a fetched batch to its agent as a flight. A batch whose fetch began before a revocation
+        (``revocations``: the count then) or that comes while a rebalance runs is not: the revocation's drain did
+        not wait for it. Its partitions that this consumer owns after the rebalance are sought back to the
+        batch's first offset (fetched again, in order); the others are read by their new owner from the
+        committed offsets. Processed here, it was answered twice (under exactly_once, committed twice: seen at a
+        worker's join in the cluster soak); dropped without the seek, a kept partition skipped it."""
         records = [Inbound(record.value, record.key, record.topic, record.partition, record.offset)
                    for _, batch in parts for record in batch]
         next_offsets = {tp: batch[-1].offset + 1 for tp, batch in parts}
@@ -558,8 +560,12 @@ class BatchDelivery(mode.Service):
         if revocations is not None and (revocations != self.revocations or self.rebalancing):
             self._room.release()
             self.dropped_batches += 1
-            log.info("a batch of %d messages fetched before the rebalance is left to the partitions' owner "
-                     "(read again from the committed offsets)", len(records))
+            kept = self.consumer.assignment() if self.consumer is not None else set()
+            for tp, batch in parts:  # a partition this consumer (still, or again) owns: fetched again from here
+                if tp in kept:
+                    self.consumer.seek(tp, batch[0].offset)  # type: ignore[union-attr]
+            log.info("a batch of %d messages fetched across a rebalance is fetched again (partitions kept) or "
+                     "left to the partitions' new owner", len(records))
             return
         flight = Flight(records, next_offsets, asyncio.get_running_loop().create_future())
         if self.waiting_since is None:
