@@ -46,6 +46,7 @@ from streamscore.streams.kafka import client_kwargs
 from streamscore_examples.fraud.requests import demo_requests
 
 from .processes import process_cpu_s
+from .profile_worker import answered
 
 MODEL = "fraud"
 
@@ -94,13 +95,6 @@ def classify(frames: list[str]) -> str:
 def _get(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
         return response.read().decode()
-
-
-def _answered(port: int) -> int:
-    try:
-        return int(json.loads(_get(port, "/status"))[MODEL]["answered"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def _batches(port: int) -> int:
@@ -179,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         count = int(args.rate * args.seconds)
         print(f"warming: {count} requests (the load phase's entities: a warm cache)", flush=True)
         asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix="warm")), args.warm_rate))
-        while _answered(args.port) < count:
+        while answered(args.port) < count:
             time.sleep(0.2)
         time.sleep(3)  # the last batch's commit and the prediction log's flush
         print(f"idle: {args.idle_s:.0f} s", flush=True)
@@ -195,10 +189,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        batches_before, answered_before = _batches(args.port), _answered(args.port)
+        batches_before, answered_before = _batches(args.port), answered(args.port)
         load_cpu, load_started = process_cpu_s(worker.pid), time.monotonic()
         behind = asyncio.run(_send(settings, requests, args.rate))
-        while _answered(args.port) < answered_before + len(requests) and time.monotonic() - load_started < 300:
+        while answered(args.port) < answered_before + len(requests) and time.monotonic() - load_started < 300:
             time.sleep(0.05)
         load_s = time.monotonic() - load_started
         load_cpu_s = process_cpu_s(worker.pid) - load_cpu  # type: ignore[operator]

@@ -40,7 +40,7 @@ from streamscore.streams.client import partitions_of
 from streamscore.streams.kafka import client_kwargs
 from streamscore_examples.fraud.requests import demo_requests
 
-from .profile_worker import preload
+from .profile_worker import answered, preload
 from .shadow_cost import MODEL
 
 
@@ -175,16 +175,6 @@ async def _prediction_stamps(settings: Settings, count: int, since: dict[TopicPa
         await consumer.stop()
 
 
-def _answered(port: int) -> int:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
-            return int(json.loads(response.read())[MODEL]["answered"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def drain(library: Path, prefix: str, requests: int, window_requests: int, port: int, log: Path,
           timeout: float = 300.0) -> tuple[float, dict[str, float], int]:
     """Preload ``requests`` under ``prefix`` (no worker runs: the backlog waits after the group's committed
@@ -203,7 +193,7 @@ def drain(library: Path, prefix: str, requests: int, window_requests: int, port:
                                   env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout
-            while _answered(port) < requests:
+            while answered(port) < requests:
                 if worker.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the worker did not answer {requests} requests: see {log}")
                 time.sleep(0.5)

@@ -70,7 +70,7 @@ async def preload(env: dict[str, str], count: int) -> None:
         await asyncio.gather(*futures)
 
 
-def _get(port: str, path: str) -> str:
+def _get(port: str | int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
         return response.read().decode()
 
@@ -85,7 +85,7 @@ def stage_seconds(port: str) -> dict[str, float]:
     return sums
 
 
-def answered(port: str) -> int:
+def answered(port: str | int) -> int:
     try:
         return int(json.loads(_get(port, "/status"))["fraud"]["answered"])
     except (OSError, ValueError, KeyError):
