@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -70,7 +72,10 @@ def _passthrough_messages(records: list[Any], model: str, worker_id: str) -> lis
     return messages
 
 
-async def raw_passthrough(settings: Settings, model: str) -> None:
+async def raw_passthrough(settings: Settings, model: str, commit_interval_ms: int = 0, linger_ms: int = 5,
+                          stats_file: Path | None = None) -> None:
+    """``commit_interval_ms``: offsets committed at most this often (0: after every batch); ``stats_file``: the
+    batches and requests so far, rewritten every half second (JSON)."""
     prefix = settings.topic_prefix
     predictions_topic = topics.predictions(prefix, model)
     worker_id = _worker_id("raw")
@@ -79,11 +84,14 @@ async def raw_passthrough(settings: Settings, model: str) -> None:
                                 auto_offset_reset="earliest", session_timeout_ms=30_000,
                                 heartbeat_interval_ms=3_000, max_partition_fetch_bytes=4 << 20,
                                 fetch_max_bytes=16 << 20)
-    producer = new_producer(settings)
+    producer = new_producer(settings, linger_ms)
     stop = _stop_event()
     await producer.start()
     await consumer.start()
     in_flight: deque[tuple[list[asyncio.Future], dict[TopicPartition, int]]] = deque()
+    commits = _Commits(consumer, commit_interval_ms / 1000)
+    counts = {"batches": 0, "requests": 0}
+    reporting = asyncio.ensure_future(_report(stats_file, counts)) if stats_file is not None else None
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=100, max_records=4096)
@@ -93,20 +101,48 @@ async def raw_passthrough(settings: Settings, model: str) -> None:
                 futures.extend(await send_partition(producer, predictions_topic, tp.partition, messages))
             if batches:
                 in_flight.append((futures, {tp: records[-1].offset + 1 for tp, records in batches.items()}))
+                counts["batches"] += 1
+                counts["requests"] += sum(len(records) for records in batches.values())
             while in_flight and (len(in_flight) > RAW_IN_FLIGHT or not batches):
-                await _acknowledge(consumer, *in_flight.popleft())
+                await commits.acknowledged(*in_flight.popleft(), idle=not batches)
+            if not batches:
+                await commits.flush()
         while in_flight:
-            await _acknowledge(consumer, *in_flight.popleft())
+            await commits.acknowledged(*in_flight.popleft(), idle=True)
     finally:
+        if reporting is not None:
+            reporting.cancel()
         await consumer.stop()
         await producer.stop()
 
 
-async def _acknowledge(consumer: AIOKafkaConsumer, futures: list[asyncio.Future],
-                       offsets: dict[TopicPartition, int]) -> None:
-    """Commit a batch's offsets once Kafka acknowledged its predictions (at-least-once, like the worker)."""
-    await asyncio.gather(*futures)
-    await consumer.commit(offsets)
+class _Commits:
+    """Commit a batch's offsets once Kafka acknowledged its predictions (at-least-once, like the worker), at
+    most every ``interval_s`` while batches keep coming (at once when none came)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, interval_s: float) -> None:
+        self.consumer, self.interval_s = consumer, interval_s
+        self.waiting: dict[TopicPartition, int] = {}
+        self.last = 0.0
+
+    async def acknowledged(self, futures: list[asyncio.Future], offsets: dict[TopicPartition, int],
+                           idle: bool) -> None:
+        await asyncio.gather(*futures)
+        self.waiting.update(offsets)
+        if idle or time.monotonic() - self.last >= self.interval_s:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.waiting:
+            self.last = time.monotonic()
+            await self.consumer.commit(self.waiting)
+            self.waiting = {}
+
+
+async def _report(path: Path, counts: dict[str, int]) -> None:
+    while True:
+        path.write_text(json.dumps(counts))
+        await asyncio.sleep(0.5)
 
 
 def _stop_event() -> asyncio.Event:
@@ -186,10 +222,19 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["raw-passthrough", "faust-per-event"])
     parser.add_argument("--model", default="fraud")
+    parser.add_argument("--commit-interval-ms", type=int, default=0,
+                        help="raw-passthrough: commit at most this often (0: after every batch).")
+    parser.add_argument("--linger-ms", type=int, default=5, help="raw-passthrough: its producer's linger.")
+    parser.add_argument("--stats-file", type=Path, help="raw-passthrough: write its batch and request counts here.")
+    parser.add_argument("--uvloop", action="store_true", help="raw-passthrough: run on uvloop (as the worker does).")
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.kind == "raw-passthrough":
-        asyncio.run(raw_passthrough(settings, args.model))
+        if args.uvloop:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        asyncio.run(raw_passthrough(settings, args.model, args.commit_interval_ms, args.linger_ms, args.stats_file))
     else:
         faust_per_event(settings, args.model)
 

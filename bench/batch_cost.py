@@ -2,7 +2,8 @@
 
 ``python -m streamscore_bench.batch_cost`` (after ``make demo``: the demo's model and feature rows) starts one
 worker on the demo model under a topic prefix of its own, warms it (the Redis cache and the model session: the
-load phase's requests are sent once first), then measures its CPU (user + system, all threads,
+load phase's entities are sent once first; then, after the idle phase, once more for the worker's near cache,
+whose entries live ``redis.near_cache_ttl_s``), then measures its CPU (user + system, all threads,
 ``/proc/<pid>/stat``):
 
 - **idle**: ``--idle-s`` seconds with no traffic: the share of one core it uses;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -156,30 +158,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               settings.worker.partitions))
     scratch = Path(tempfile.mkdtemp(prefix="batch-cost-"))
     log = open(scratch / "worker.log", "wb")  # noqa: SIM115 - open for the worker's lifetime
-    worker = subprocess.Popen([sys.executable, "-m", "streamscore", "worker", "--model", MODEL],
-                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    stats = scratch / "passthrough.json"
+    command = [sys.executable, "-m", "streamscore", "worker", "--model", MODEL]
+    if args.passthrough:  # the Kafka client alone, committing and producing as the worker does
+        command = [sys.executable, "-m", "streamscore_bench.baselines", "raw-passthrough", "--model", MODEL,
+                   "--commit-interval-ms", str(settings.worker.commit_interval_ms), "--linger-ms", "0",
+                   "--stats-file", str(stats), *(["--uvloop"] if settings.worker.event_loop == "uvloop" else [])]
+    worker = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    counts = _Counts(args.port, stats if args.passthrough else None)
     raw = scratch / "profile.txt"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if json.loads(_get(args.port, "/readyz")).get("ready"):
-                    break
-            except (OSError, ValueError):
-                pass
+        while not counts.ready():
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker did not get ready: {scratch / 'worker.log'}")
             time.sleep(0.5)
         count = int(args.rate * args.seconds)
-        print(f"warming: {count} requests (the load phase's entities: a warm cache)", flush=True)
-        asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix="warm")), args.warm_rate))
-        while answered(args.port) < count:
-            time.sleep(0.2)
+        print(f"warming: {count} requests (the load phase's entities: Redis is filled from Cassandra)", flush=True)
+        _warm(settings, args, counts, count, 1)
         time.sleep(3)  # the last batch's commit and the prediction log's flush
         print(f"idle: {args.idle_s:.0f} s", flush=True)
         idle_cpu, idle_started = process_cpu_s(worker.pid), time.monotonic()
         time.sleep(args.idle_s)
         idle_share = (process_cpu_s(worker.pid) - idle_cpu) / (time.monotonic() - idle_started)  # type: ignore[operator]
+        print(f"warming again: {count} requests (the worker's near cache, whose entries live "
+              f"{settings.redis.near_cache_ttl_s:.0f} s, holds them from Redis)", flush=True)
+        _warm(settings, args, counts, count, 2)
         print(f"light load: {args.rate:.0f} requests/s for {args.seconds:.0f} s", flush=True)
         requests = list(demo_requests(count, seed=6, id_prefix="load"))
         spy = None
@@ -189,14 +193,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        batches_before, answered_before = _batches(args.port), answered(args.port)
+        batches_before, answered_before = counts.batches(), counts.answered()
         load_cpu, load_started = process_cpu_s(worker.pid), time.monotonic()
         behind = asyncio.run(_send(settings, requests, args.rate))
-        while answered(args.port) < answered_before + len(requests) and time.monotonic() - load_started < 300:
+        while counts.answered() < answered_before + len(requests) and time.monotonic() - load_started < 300:
             time.sleep(0.05)
         load_s = time.monotonic() - load_started
         load_cpu_s = process_cpu_s(worker.pid) - load_cpu  # type: ignore[operator]
-        batches = _batches(args.port) - batches_before
+        batches = counts.batches() - batches_before
         if spy is not None:
             spy.send_signal(2)
             spy.wait(60)
@@ -217,6 +221,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples, top, parts = _top_functions(raw, 25)
         result["profile"] = {"samples": samples, "top_inclusive": top, "parts": parts}
     return result
+
+
+class _Counts:
+    """Batches made and requests answered so far: the worker's, from its web port; the passthrough's, from the
+    file it rewrites every half second."""
+
+    def __init__(self, port: int, stats: Path | None) -> None:
+        self.port, self.stats = port, stats
+
+    def _read(self) -> dict[str, int]:
+        assert self.stats is not None
+        for _ in range(20):  # rewritten as it is read, now and then
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads(self.stats.read_text())
+            time.sleep(0.05)
+        raise SystemExit(f"the passthrough's counts cannot be read from {self.stats}")
+
+    def ready(self) -> bool:
+        if self.stats is not None:
+            return self.stats.is_file()
+        try:
+            return bool(json.loads(_get(self.port, "/readyz")).get("ready"))
+        except (OSError, ValueError):
+            return False
+
+    def answered(self) -> int:
+        if self.stats is None:
+            return answered(self.port)
+        time.sleep(0.5)  # the file is at most half a second old
+        return self._read()["requests"]
+
+    def batches(self) -> int:
+        return _batches(self.port) if self.stats is None else self._read()["batches"]
+
+
+def _warm(settings: Settings, args: argparse.Namespace, counts: _Counts, count: int, round_: int) -> None:
+    asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix=f"warm{round_}")), args.warm_rate))
+    while counts.answered() < count * round_:
+        time.sleep(0.2)
 
 
 def _write(result: dict[str, Any], out: Path, name: str) -> None:
@@ -272,6 +315,10 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=30.0)
     parser.add_argument("--warm-rate", type=float, default=2_000.0)
     parser.add_argument("--profile", action="store_true", help="Sample the load phase with py-spy.")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="Measure the raw aiokafka passthrough (streamscore_bench.baselines) instead of the "
+                             "worker: what the Kafka client alone costs per one-request batch (consume, produce, "
+                             "commit at the worker's interval, same event loop).")
     parser.add_argument("--label", default="main")
     parser.add_argument("--library", type=Path, default=Path("demo-data/models"))
     parser.add_argument("--port", type=int, default=16193, help="The worker's web port.")

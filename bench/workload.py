@@ -225,8 +225,8 @@ async def warm_cache(settings: Settings, views: Mapping[str, FeatureView], entit
 
 # --- producing a backlog fast ---------------------------------------------------------------------------------
 
-def new_producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all", linger_ms=5, max_batch_size=1 << 20,
+def new_producer(settings: Settings, linger_ms: int = 5) -> AIOKafkaProducer:
+    return AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all", linger_ms=linger_ms, max_batch_size=1 << 20,
                             max_request_size=4 << 20)
 
 

@@ -400,7 +400,10 @@ class BatchDelivery(mode.Service):
         if self.exactly_once:
             transactional = {"transactional_id": transactional_id(self.settings),
                              "transaction_timeout_ms": worker.transaction_timeout_ms}
-        self.producer = AIOKafkaProducer(**kafka, acks="all", linger_ms=1, max_batch_size=1 << 20,
+        # linger 0: a batch's messages go as producer batches made whole (send_batch), ready as they are; a
+        # linger would only hold each for its time (and wake the sender twice). Batches for one broker that
+        # come while a request to it is in flight still leave together, in its next request.
+        self.producer = AIOKafkaProducer(**kafka, acks="all", linger_ms=0, max_batch_size=1 << 20,
                                          max_request_size=8 << 20, enable_idempotence=self.exactly_once,
                                          **transactional)
         await self.producer.start()

@@ -168,6 +168,10 @@ class _Window:
         self.defaulted = np.zeros(self.columns, dtype=np.int64)
 
 
+_BUFFER_ROWS = 256
+"""Batches smaller than this are binned together, once this many rows are held back (or the window closes)."""
+
+
 class _Tracker:
     """One version's running window."""
 
@@ -178,6 +182,10 @@ class _Tracker:
         self.columns = _Columns.of(profile, runtime)
         self.view_columns = [self.columns.of_view(index) for index in range(len(runtime.views))]
         self.window = self._new_window(now_ms())
+        self._pending: list[np.ndarray] = []
+        """Blocks (columns x rows) of small batches not binned yet: counted into the window by ``_flush``, at
+        ``_BUFFER_ROWS`` rows or when the window closes (a one-request batch costs a copy, not a binning)."""
+        self._pending_rows = 0
 
     def _new_window(self, start_ms: int) -> _Window:
         return _Window(start_ms, len(self.columns.names), self.columns.bins)
@@ -201,29 +209,48 @@ class _Tracker:
                 present[j], block[j] = False, 0.0
             else:
                 block[j] = output[rows] if scored is None else output[positions]
-        counts = bin_counts(block, columns.padded_edges)
-        window.counts[present] += counts[present]
-        window.sums[present] += block.sum(axis=1)[present]
         window.requests += len(positions)
+        if len(positions) < _BUFFER_ROWS and present.all():  # a small batch: binned with the next ones
+            self._pending.append(block)
+            self._pending_rows += len(positions)
+            if self._pending_rows >= _BUFFER_ROWS:
+                self._flush()
+        else:
+            self._count(block, present)
         self._add_defaulted_and_stale(batch, positions, every_row)
+
+    def _count(self, block: np.ndarray, present: np.ndarray) -> None:
+        counts = bin_counts(block, self.columns.padded_edges)
+        self.window.counts[present] += counts[present]
+        self.window.sums[present] += block.sum(axis=1)[present]
+
+    def _flush(self) -> None:
+        """Bin the small batches' rows held back (one numpy pass for all of them)."""
+        if self._pending:
+            block = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
+            self._pending, self._pending_rows = [], 0
+            self._count(block, np.ones(len(block), dtype=bool))
 
     def _add_defaulted_and_stale(self, batch: ScoringBatch, positions: np.ndarray, every_row: bool) -> None:
         window = self.window
-        defaulted_rows = np.zeros(len(positions), dtype=bool)
-        stale_rows = np.zeros(len(positions), dtype=bool)
+        defaulted_rows: np.ndarray | None = None  # None: no row of any view (the usual case: every entity known)
+        stale_rows: np.ndarray | None = None
         for view_index, fetched in enumerate(batch.fetched):
-            if fetched.missing:  # usually empty: every entity known
+            if fetched.missing:
                 missing = np.zeros(len(batch.scored_rows), dtype=bool)
                 missing[np.asarray(fetched.missing, dtype=np.intp)] = True
                 if not every_row:
                     missing = missing[positions]
-                defaulted_rows |= missing
-                window.defaulted[self.view_columns[view_index]] += int(missing.sum())
+                defaulted_rows = missing if defaulted_rows is None else defaulted_rows | missing
+                window.defaulted[self.view_columns[view_index]] += int(np.count_nonzero(missing))
             if fetched.view.ttl_s is not None:
                 stamps = fetched.event_ts_ms if every_row else fetched.event_ts_ms[positions]
-                stale_rows |= (stamps > 0) & (stamps < batch.received_ms - fetched.view.ttl_s * 1000)
-        window.defaulted_rows += int(defaulted_rows.sum())
-        window.stale_rows += int(stale_rows.sum())
+                stale = (stamps > 0) & (stamps < batch.received_ms - fetched.view.ttl_s * 1000)
+                stale_rows = stale if stale_rows is None else stale_rows | stale
+        if defaulted_rows is not None:
+            window.defaulted_rows += int(np.count_nonzero(defaulted_rows))
+        if stale_rows is not None:
+            window.stale_rows += int(np.count_nonzero(stale_rows))
 
     def due(self, now: int, settings: MonitoringSettings) -> bool:
         window = self.window
@@ -232,6 +259,7 @@ class _Tracker:
 
     def close(self, now: int, settings: MonitoringSettings, worker_id: str) -> dict[str, Any]:
         """The window's report; a new window opens."""
+        self._flush()
         window, columns = self.window, self.columns
         self.window = self._new_window(now)
         psi_values, p_values = drift_statistics(columns.shares, window.counts, columns.bins_of_column)

@@ -69,6 +69,8 @@ DEBUG_TAIL = b"debug\xc3"
 that never use fixstr): a map's value follows its key, so requests sending ``debug: false`` are not candidates."""
 REPLAY_TOLERANCE = 1e-6
 
+_SMALL_BATCH = 12
+"""Up to this many ids, ``sample_mask`` hashes them one by one (the two ways cross at about 16 ids)."""
 _FNV_OFFSET = np.uint32(2166136261)
 _FNV_PRIME = np.uint32(16777619)
 
@@ -83,6 +85,9 @@ def sample_mask(ids: Sequence[str], share: float) -> np.ndarray:
         return np.zeros(count, dtype=bool)
     if share >= 1.0:
         return np.ones(count, dtype=bool)
+    if count <= _SMALL_BATCH:  # a few ids: a Python loop beats the numpy steps' fixed cost (66 us for one id)
+        limit = int(share * (1 << 32))
+        return np.fromiter((fnv1a(request_id) < limit for request_id in ids), dtype=bool, count=count)
     codes = np.array(ids, dtype=str)
     width = codes.dtype.itemsize // 4
     points = np.ascontiguousarray(codes.view(np.uint32).reshape(count, width).T)  # one row per character position
@@ -98,9 +103,9 @@ def sample_mask(ids: Sequence[str], share: float) -> np.ndarray:
 
 def fnv1a(request_id: str) -> int:
     """The hash ``sample_mask`` uses, for one id (documentation and tests)."""
-    value = int(_FNV_OFFSET)
+    value, prime = 2166136261, 16777619  # _FNV_OFFSET, _FNV_PRIME as Python ints
     for char in request_id:
-        value = ((value ^ ord(char)) * int(_FNV_PRIME)) & 0xFFFFFFFF
+        value = ((value ^ ord(char)) * prime) & 0xFFFFFFFF
     return value
 
 

@@ -34,6 +34,7 @@ import importlib
 import logging
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -440,9 +441,17 @@ class Encode:
                 (reply_to[row] or default_topic, request_id.encode(), value, None)
                 for row, request_id, value in zip(prediction_batch.rows, prediction_batch.ids, encoded, strict=True))
             batch.context.setdefault("answered_by_version", {})[runtime.version] = len(prediction_batch.rows)
-            statuses, counts = np.unique(batch.status[prediction_batch.rows], return_counts=True)
-            batch.context.setdefault("status_by_version", {})[runtime.version] = dict(
-                zip(statuses.tolist(), counts.tolist(), strict=True))
+            batch.context.setdefault("status_by_version", {})[runtime.version] = value_counts(
+                batch.status[prediction_batch.rows])
+
+
+def value_counts(values: np.ndarray) -> dict[Any, int]:
+    """How often each distinct value occurs (plain Python keys). A few values are counted one by one: numpy's
+    sort-based count costs more than the whole count below a few dozen values."""
+    if len(values) <= 64:
+        return dict(Counter(values.tolist()))
+    distinct, counts = np.unique(values, return_counts=True)
+    return dict(zip(distinct.tolist(), counts.tolist(), strict=True))
 
 
 def prediction_batches(batch: ScoringBatch, lineage: dict[str, object]) -> list[tuple[ModelRuntime, RowsBatch]]:
@@ -551,8 +560,7 @@ class ThresholdDecision:
         batch.outputs[self.output] = decisions
         if self.counter is not None:
             live = batch.live
-            names, counts = np.unique(decisions[live], return_counts=True)
-            for label, count in zip(names.tolist(), counts.tolist(), strict=True):
+            for label, count in value_counts(decisions[live]).items():
                 self.counter.labels(self.model or batch.model.name, label).inc(count)
 
 

@@ -156,6 +156,19 @@ def test_the_window_closes_by_count_and_flags_the_shifted_column(tmp_path):
     assert gauge("streamscore_drift_windows_total", {"model": "tiny", "version": "1"}) == 2.0
 
 
+def test_small_batches_held_back_for_binning_count_as_one_large_batch(tmp_path):
+    one_large, one_by_one = Fixture(tmp_path / "large"), Fixture(tmp_path / "small")
+    for fixture in (one_large, one_by_one):
+        asyncio.run(fixture.fill())
+    [expected_report] = one_large.run(one_large.batch(400))
+    reports = [report for _ in range(400) for report in one_by_one.run(one_by_one.batch(1))]
+    assert len(reports) == 1 and reports[0]["requests"] == 400  # the same requests (the fixtures' seeds)
+    for part in ("columns", "outputs"):
+        for name, column in expected_report[part].items():
+            assert reports[0][part][name]["counts"] == column["counts"] and sum(column["counts"]) == 400
+            assert reports[0][part][name]["mean"] == pytest.approx(column["mean"])
+
+
 def test_a_shadow_version_gets_windows_of_its_own(tmp_path):
     tiny = Fixture(tmp_path, shadow=True)
     asyncio.run(tiny.fill())

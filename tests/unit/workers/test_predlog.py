@@ -77,6 +77,10 @@ def test_the_sampled_share_is_a_stable_hash_of_the_id_and_roughly_the_share() ->
     assert fnv1a("a") == 0xE40C292C  # FNV-1a-32 of b"a", the published test vector
     assert not sample_mask(ids, 0.0).any() and sample_mask(ids, 1.0).all()
     assert (sample_mask(ids[:100], 0.05) == mask[:100]).all()  # the same id, in any batch
+    half = sample_mask(ids, 0.5)
+    for start in [*range(0, 60, 3), len(ids) - 3]:  # small batches are hashed one id at a time: the same answer
+        assert sample_mask(ids[start:start + 3], 0.5).tolist() == half[start:start + 3].tolist()
+    assert half[:60].any() and not half[:60].all()  # both answers were compared
 
 
 def test_debug_requests_are_always_logged_with_their_inputs_sources_outputs_and_lineage() -> None:
