@@ -26,7 +26,7 @@ is up (at a later batch); open windows are lost when the worker stops.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -182,8 +182,8 @@ class _Tracker:
         self.columns = _Columns.of(profile, runtime)
         self.view_columns = [self.columns.of_view(index) for index in range(len(runtime.views))]
         self.window = self._new_window(now_ms())
-        self._pending: list[np.ndarray] = []
-        """Blocks (columns x rows) of small batches not binned yet: counted into the window by ``_flush``, at
+        self._pending: list[tuple[np.ndarray, list[np.ndarray | None]]] = []
+        """(inputs, outputs) of small batches not binned yet: counted into the window by ``_flush``, at
         ``_BUFFER_ROWS`` rows or when the window closes (a one-request batch costs a copy, not a binning)."""
         self._pending_rows = 0
 
@@ -194,42 +194,53 @@ class _Tracker:
             scored: Mapping[str, np.ndarray] | None = None) -> None:
         """Count the scored rows at ``positions`` (of ``batch.scored_rows``) into the window; the outputs are the
         batch's (one row per decoded row), or ``scored`` (a shadow's: one row per scored row)."""
-        columns, window = self.columns, self.window
         assert batch.inputs is not None
         every_row = len(positions) == len(batch.scored_rows)
         inputs = batch.inputs if every_row else batch.inputs[positions]
         rows = batch.scored_rows if every_row else batch.scored_rows[positions]
-        inputs_profiled = len(columns.input_positions)
-        block = np.empty((len(columns.names), len(positions)), dtype=np.float64)  # one row per column
-        block[:inputs_profiled] = inputs[:, columns.input_positions].T
-        present = np.ones(len(columns.names), dtype=bool)
-        for j, name in enumerate(columns.outputs, start=inputs_profiled):
+        outputs: list[np.ndarray | None] = []
+        for name in self.columns.outputs:
             output = batch.outputs.get(name) if scored is None else scored.get(name)
-            if output is None or output.ndim != 1:
-                present[j], block[j] = False, 0.0
-            else:
-                block[j] = output[rows] if scored is None else output[positions]
-        window.requests += len(positions)
-        if len(positions) < _BUFFER_ROWS and present.all():  # a small batch: binned with the next ones
-            self._pending.append(block)
+            outputs.append(None if output is None or output.ndim != 1
+                           else output[rows] if scored is None else output[positions])
+        self.window.requests += len(positions)
+        if len(positions) < _BUFFER_ROWS and all(output is not None for output in outputs):
+            # a small batch: binned with the next ones (a copy of its rows now, one numpy pass for all later)
+            self._pending.append((inputs.copy() if every_row else inputs, outputs))
             self._pending_rows += len(positions)
             if self._pending_rows >= _BUFFER_ROWS:
                 self._flush()
         else:
-            self._count(block, present)
+            self._count(inputs, outputs)
         self._add_defaulted_and_stale(batch, positions, every_row)
 
-    def _count(self, block: np.ndarray, present: np.ndarray) -> None:
-        counts = bin_counts(block, self.columns.padded_edges)
-        self.window.counts[present] += counts[present]
-        self.window.sums[present] += block.sum(axis=1)[present]
+    def _count(self, inputs: np.ndarray, outputs: Sequence[np.ndarray | None]) -> None:
+        """Bin rows (the profiled inputs, then the outputs; None: an output this version does not give)."""
+        columns, window = self.columns, self.window
+        inputs_profiled = len(columns.input_positions)
+        block = np.empty((len(columns.names), len(inputs)), dtype=np.float64)  # one row per column
+        block[:inputs_profiled] = inputs[:, columns.input_positions].T
+        present = np.ones(len(columns.names), dtype=bool)
+        for j, output in enumerate(outputs, start=inputs_profiled):
+            if output is None:
+                present[j], block[j] = False, 0.0
+            else:
+                block[j] = output
+        counts = bin_counts(block, columns.padded_edges)
+        window.counts[present] += counts[present]
+        window.sums[present] += block.sum(axis=1)[present]
 
     def _flush(self) -> None:
-        """Bin the small batches' rows held back (one numpy pass for all of them)."""
-        if self._pending:
-            block = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
-            self._pending, self._pending_rows = [], 0
-            self._count(block, np.ones(len(block), dtype=bool))
+        """Bin the small batches' rows held back, all at once."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if len(pending) == 1:
+            self._count(*pending[0])
+            return
+        outputs = [np.concatenate([held[index] for _, held in pending])
+                   for index in range(len(self.columns.outputs))]
+        self._count(np.concatenate([inputs for inputs, _ in pending]), outputs)
 
     def _add_defaulted_and_stale(self, batch: ScoringBatch, positions: np.ndarray, every_row: bool) -> None:
         window = self.window

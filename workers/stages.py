@@ -543,6 +543,10 @@ class ThresholdDecision:
         self.score, self.output, self.model = score, output, model
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.labels = np.asarray(labels)
+        self._thresholds: dict[np.dtype, np.ndarray] = {}
+        """The thresholds in each score dtype met so far."""
+        self._counted: dict[tuple[str, str], Any] = {}
+        """(model, label) -> its counter's child (``labels()`` looks up and locks at each call)."""
         self.counter = None
         if registry is not None:
             from prometheus_client import Counter
@@ -555,13 +559,19 @@ class ThresholdDecision:
             return  # nothing scored in this batch (all expired, or inference failed)
         scores = batch.outputs[self.score]
         # thresholds in the score's own precision: a float32 score of 0.7 is "at 0.7", not just below it
-        thresholds = self.thresholds.astype(scores.dtype) if scores.dtype.kind == "f" else self.thresholds
+        thresholds = self._thresholds.get(scores.dtype)
+        if thresholds is None:
+            thresholds = self._thresholds[scores.dtype] = (self.thresholds.astype(scores.dtype)
+                                                           if scores.dtype.kind == "f" else self.thresholds)
         decisions = self.labels[np.searchsorted(thresholds, scores, side="right")]
         batch.outputs[self.output] = decisions
         if self.counter is not None:
-            live = batch.live
-            for label, count in value_counts(decisions[live]).items():
-                self.counter.labels(self.model or batch.model.name, label).inc(count)
+            model = self.model or batch.model.name
+            for label, count in value_counts(decisions[batch.live]).items():
+                child = self._counted.get((model, label))
+                if child is None:
+                    child = self._counted[(model, label)] = self.counter.labels(model, label)
+                child.inc(count)
 
 
 # -------------------------------------------------------------------------------------------- registry

@@ -139,8 +139,8 @@ def labels(registries: list[CollectorRegistry], served: dict[str, str]) -> dict[
     for registry in registries:
         for collector, names in registry._collector_to_names.items():
             for name in names:
-                found[name] = set(getattr(collector, "_labelnames", ())) | ({"le"} if name.endswith("_bucket") else
-                                                                             set())
+                declared = getattr(collector, "_labelnames", None) or getattr(collector, "labelnames", ())
+                found[name] = set(declared) | ({"le"} if name.endswith("_bucket") else set())
     return found
 
 
