@@ -105,7 +105,7 @@ def make_plan(smoke: bool, requests: int | None = None, seconds: float | None = 
                     fixed_rates=(100.0,))
     count = _round_up(requests or 60_000, 32)
     return Plan(smoke=False, requests=count, faust_requests=max(1_000, count // 12), seconds=seconds or 20.0,
-                rate_fractions=(0.5, 0.7, 0.9), batch_rate_fractions=(0.7,), floor_fractions=(0.7,), min_span_s=2.0,
+                rate_fractions=(0.5, 0.7, 0.9), batch_rate_fractions=(0.7,), floor_fractions=(0.5, 0.7), min_span_s=2.0,
                 fixed_rates=(100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0))
 
 
@@ -539,7 +539,7 @@ HOPS = ("client->broker", "client->worker", "in worker", "worker->broker", "brok
 
 
 def hop_split(folder: Path, sent_us: np.ndarray, arrived_us: np.ndarray) -> dict[str, dict[str, float]]:
-    """p50/p99 ms of each hop: client->broker (per producer batch, the broker's append clock), client->worker
+    """p50/p99 ms of each hop: client->broker (per request message, the broker's append clock), client->worker
     (send stamp to the worker's ``received_ms``: client->broker plus broker->worker), in worker (``received_ms``
     to ``sent_ms``), worker->broker (``sent_ms`` to the prediction's append time), broker->client (append time
     to arrival at the subscriber). Clocks: one machine's, so the hops add up to the end-to-end time."""

@@ -1,4 +1,8 @@
-"""Latency measurement processes: an open-loop producer and a subscriber, each its own process.
+"""Latency measurement processes: an open-loop producer and a subscriber, each its own process, both on
+librdkafka (confluent-kafka), a C client: the instrument takes little of the CPU it measures (the same producer and
+subscriber on aiokafka took about half a core at 1,000 requests/s on the 2-core machine they shared with the
+worker and the servers),
+and it is a Kafka client the project did not write.
 
     python -m streamscore_bench.loadgen open-loop --topic T --phase P --rate R --seconds S --out DIR ...
     python -m streamscore_bench.loadgen subscribe --topic T --phase P --expect N --out DIR ...
@@ -9,35 +13,35 @@ predictions are late. Each request's ``sent_ms`` is stamped when it is sent; the
 same instant in microseconds per request (``sent_us.npy``) and how far behind its schedule it ever fell
 (``producer.json``), since a starved producer would hide latency.
 
-The subscriber is assigned every partition of the predictions topic at its end before the producer starts
-(``tail_consumer``), and records the arrival time (microseconds) of each request's first prediction
-(``arrived_us.npy``, 0 where none came). The harness joins both files into an HDR histogram.
+The subscriber is assigned every partition of the predictions topic at its end before the producer starts, and
+records the arrival time (microseconds) of each request's first prediction (``arrived_us.npy``, 0 where none
+came). The harness joins both files into an HDR histogram.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
-from aiokafka import AIOKafkaProducer
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, Producer, TopicPartition
 
 from streamscore.settings import Settings, get_settings
-from streamscore.streams.client import tail_consumer
-from streamscore.streams.kafka import client_kwargs
 
-from .workload import Workload, send_messages
+from .workload import Workload, partition_of
 
 SENT_FILE = "sent_us.npy"
 ARRIVED_FILE = "arrived_us.npy"
 TO_BROKER_FILE = "to_broker_us.npy"
-"""Per producer batch: the broker's log-append time of the batch minus its send stamp (the request topic
-appends with LogAppendTime, so the acknowledgement carries the broker's clock)."""
+"""Per request message: the broker's log-append time minus its send stamp (the request topic appends with
+LogAppendTime, so the delivery report carries the broker's clock)."""
 HOPS_FILE = "hops_ms.npy"
 """Per request (rows by index): the worker's ``received_ms`` and ``sent_ms`` stamps from the prediction and the
 broker's log-append time of the prediction record (the predictions topic appends with LogAppendTime)."""
@@ -49,52 +53,95 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-async def open_loop(settings: Settings, topic: str, phase: str, rate: float, seconds: float, batch_size: int,
-                    cold_base: int, partitions: int, pool_size: int, out: Path, hot_only: bool = False) -> None:
+def rdkafka_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka's settings for the cluster of ``settings.kafka`` (security included)."""
+    kafka = settings.kafka
+    config: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap, "security.protocol": kafka.security_protocol}
+    if kafka.security_protocol.startswith("SASL"):
+        config["sasl.mechanism"] = kafka.sasl_mechanism
+        config["sasl.username"] = kafka.sasl_username
+        config["sasl.password"] = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    for key, path in (("ssl.ca.location", kafka.ssl_cafile), ("ssl.certificate.location", kafka.ssl_certfile),
+                      ("ssl.key.location", kafka.ssl_keyfile)):
+        if path is not None:
+            config[key] = str(path)
+    return config
+
+
+def open_loop(settings: Settings, topic: str, phase: str, rate: float, seconds: float, batch_size: int,
+              cold_base: int, partitions: int, pool_size: int, out: Path, hot_only: bool = False) -> None:
     workload = Workload(pool_size, hot_only=hot_only)
     message_rate = rate / batch_size
     messages = max(1, round(rate * seconds / batch_size))
     sent_us = np.zeros(messages * batch_size, dtype=np.int64)
-    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all", linger_ms=1, max_batch_size=1 << 20,
-                                max_request_size=4 << 20)
-    await producer.start()
-    futures: list[asyncio.Future] = []
-    stamps: list[int] = []
+    # acks=all as the worker's own producer; a 1 ms linger, so requests due together leave together
+    producer = Producer({**rdkafka_config(settings), "acks": "all", "linger.ms": 1, "enable.idempotence": False,
+                         "queue.buffering.max.messages": 1_000_000, "message.max.bytes": 4 << 20})
+    to_broker: list[int] = []
+    failures: list[str] = []
+
+    def delivered(stamp_us: int) -> Any:
+        def report(error: Any, message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+                return
+            kind, appended_ms = message.timestamp()
+            if kind == TIMESTAMP_LOG_APPEND_TIME:
+                to_broker.append(appended_ms * 1000 - stamp_us)
+        return report
+
     sent, most_behind_s = 0, 0.0
     started = time.perf_counter()
-    try:
-        while sent < messages:
-            elapsed = time.perf_counter() - started
-            due = min(messages, int(elapsed * message_rate) + 1)
-            if due > sent:
-                most_behind_s = max(most_behind_s, elapsed - sent / message_rate)
-                stamp_us = _now_us()
-                batch = [workload.message(phase, index * batch_size, batch_size, cold_base, stamp_us // 1000)
-                         for index in range(sent, due)]
-                sent_us[sent * batch_size:due * batch_size] = stamp_us
-                queued = await send_messages(producer, topic, batch, partitions)
-                futures.extend(queued)
-                stamps.extend([stamp_us] * len(queued))
-                sent = due
-            await asyncio.sleep(max(0.0, started + sent / message_rate - time.perf_counter()))
-        acknowledged = await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    while sent < messages:
+        elapsed = time.perf_counter() - started
+        due = min(messages, int(elapsed * message_rate) + 1)
+        if due > sent:
+            most_behind_s = max(most_behind_s, elapsed - sent / message_rate)
+            stamp_us = _now_us()
+            sent_us[sent * batch_size:due * batch_size] = stamp_us
+            report = delivered(stamp_us)
+            for index in range(sent, due):
+                key, value = workload.message(phase, index * batch_size, batch_size, cold_base, stamp_us // 1000)
+                while True:
+                    try:
+                        producer.produce(topic, value, key, partition=partition_of(key, partitions),
+                                         on_delivery=report)
+                        break
+                    except BufferError:  # the local queue is full: let deliveries drain it
+                        producer.poll(0.01)
+            sent = due
+        producer.poll(0)
+        time.sleep(max(0.0, started + sent / message_rate - time.perf_counter()))
+    if producer.flush(120):
+        failures.append(f"{len(producer)} requests still not delivered after 120 s")
+    if failures:
+        raise SystemExit(f"the load generator could not deliver {len(failures)} requests to {topic}: {failures[0]}")
     np.save(out / SENT_FILE, sent_us)
-    appended_us = np.array([metadata.timestamp * 1000 for metadata in acknowledged], dtype=np.int64)
-    np.save(out / TO_BROKER_FILE, appended_us - np.array(stamps, dtype=np.int64))
+    np.save(out / TO_BROKER_FILE, np.array(to_broker, dtype=np.int64))
     summary = {"requests": int(sent_us.size), "messages": messages, "rate": rate, "seconds": seconds,
                "send_duration_s": round(time.perf_counter() - started, 3),
                "most_behind_schedule_ms": round(most_behind_s * 1000, 2)}
     (out / PRODUCER_FILE).write_text(json.dumps(summary))
 
 
-async def subscribe(settings: Settings, topic: str, phase: str, expect: int, out: Path, timeout_s: float,
-                    idle_s: float) -> None:
-    consumer = await tail_consumer(settings, topic)
-    stop = asyncio.Event()
+def subscribe(settings: Settings, topic: str, phase: str, expect: int, out: Path, timeout_s: float,
+              idle_s: float) -> None:
+    consumer = Consumer({**rdkafka_config(settings), "group.id": f"loadgen-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         # the broker holds an empty fetch up to 100 ms and answers at once when a record comes;
+                         # no back-off after an empty one (librdkafka's would hold the next fetch 500 ms)
+                         "fetch.wait.max.ms": 100, "fetch.error.backoff.ms": 0})
+    metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise SystemExit(f"topic {topic!r} does not exist")
+    # every partition at its end before the producer starts: nothing produced afterwards can be missed
+    partitions = [TopicPartition(topic, number) for number in metadata.partitions]
+    ends = [TopicPartition(topic, number, consumer.get_watermark_offsets(part, timeout=30)[1])
+            for number, part in zip(metadata.partitions, partitions, strict=True)]
+    consumer.assign(ends)
+    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        signal.signal(signum, lambda *_: stop.set())
     arrived_us = np.zeros(expect, dtype=np.int64)
     hops_ms = np.zeros((expect, 3), dtype=np.int64)
     prefix = f"{phase}-".encode()
@@ -104,22 +151,25 @@ async def subscribe(settings: Settings, topic: str, phase: str, expect: int, out
         while count < expect and not stop.is_set() and time.monotonic() < deadline:
             if count and time.monotonic() - last_arrival > idle_s:
                 break
-            batches = await consumer.getmany(timeout_ms=100, max_records=20_000)
+            first = consumer.poll(0.1)  # consume() would wait for its count or its whole timeout
+            if first is None:
+                continue
+            records = [first, *consumer.consume(num_messages=20_000, timeout=0)]
             now_us = _now_us()
-            for records in batches.values():
-                for record in records:
-                    if record.key is None or not record.key.startswith(prefix):
-                        continue
-                    index = int(record.key[len(prefix):])
-                    if 0 <= index < expect and not arrived_us[index]:
-                        arrived_us[index] = now_us
-                        prediction = msgpack.unpackb(record.value)
-                        hops_ms[index] = (prediction.get("received_ms", 0), prediction.get("sent_ms", 0),
-                                          record.timestamp)
-                        count += 1
-                        last_arrival = time.monotonic()
+            for record in records:
+                key = record.key()
+                if record.error() is not None or key is None or not key.startswith(prefix):
+                    continue
+                index = int(key[len(prefix):])
+                if 0 <= index < expect and not arrived_us[index]:
+                    arrived_us[index] = now_us
+                    prediction = msgpack.unpackb(record.value())
+                    hops_ms[index] = (prediction.get("received_ms", 0), prediction.get("sent_ms", 0),
+                                      record.timestamp()[1])
+                    count += 1
+                    last_arrival = time.monotonic()
     finally:
-        await consumer.stop()
+        consumer.close()
         np.save(out / ARRIVED_FILE, arrived_us)
         np.save(out / HOPS_FILE, hops_ms)
 
@@ -147,10 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "open-loop":
-        asyncio.run(open_loop(settings, args.topic, args.phase, args.rate, args.seconds, args.batch_size,
-                              args.cold_base, args.partitions, args.pool_size, args.out, args.hot_only))
+        open_loop(settings, args.topic, args.phase, args.rate, args.seconds, args.batch_size, args.cold_base,
+                  args.partitions, args.pool_size, args.out, args.hot_only)
     else:
-        asyncio.run(subscribe(settings, args.topic, args.phase, args.expect, args.out, args.timeout, args.idle))
+        subscribe(settings, args.topic, args.phase, args.expect, args.out, args.timeout, args.idle)
 
 
 if __name__ == "__main__":
