@@ -539,7 +539,7 @@ HOPS = ("client->broker", "client->worker", "in worker", "worker->broker", "brok
 
 
 def hop_split(folder: Path, sent_us: np.ndarray, arrived_us: np.ndarray) -> dict[str, dict[str, float]]:
-    """p50/p99 ms of each hop: client->broker (per request message, the broker's append clock), client->worker
+    """p50/p99 ms of each hop: client->broker (per producer batch, the broker's append clock), client->worker
     (send stamp to the worker's ``received_ms``: client->broker plus broker->worker), in worker (``received_ms``
     to ``sent_ms``), worker->broker (``sent_ms`` to the prediction's append time), broker->client (append time
     to arrival at the subscriber). Clocks: one machine's, so the hops add up to the end-to-end time."""

@@ -40,8 +40,9 @@ from .workload import Workload, partition_of
 SENT_FILE = "sent_us.npy"
 ARRIVED_FILE = "arrived_us.npy"
 TO_BROKER_FILE = "to_broker_us.npy"
-"""Per request message: the broker's log-append time minus its send stamp (the request topic appends with
-LogAppendTime, so the delivery report carries the broker's clock)."""
+"""Per producer batch (the last message of each partition's share of what was due at once): the broker's
+log-append time minus its send stamp (the request topic appends with LogAppendTime, so the delivery report
+carries the broker's clock)."""
 HOPS_FILE = "hops_ms.npy"
 """Per request (rows by index): the worker's ``received_ms`` and ``sent_ms`` stamps from the prediction and the
 broker's log-append time of the prediction record (the predictions topic appends with LogAppendTime)."""
@@ -99,13 +100,22 @@ def open_loop(settings: Settings, topic: str, phase: str, rate: float, seconds: 
             most_behind_s = max(most_behind_s, elapsed - sent / message_rate)
             stamp_us = _now_us()
             sent_us[sent * batch_size:due * batch_size] = stamp_us
-            report = delivered(stamp_us)
+            last_of_partition: dict[int, int] = {}
+            group = []
             for index in range(sent, due):
                 key, value = workload.message(phase, index * batch_size, batch_size, cold_base, stamp_us // 1000)
+                partition = partition_of(key, partitions)
+                last_of_partition[partition] = len(group)
+                group.append((key, value, partition))
+            # one delivery report per partition of what was due together (they leave as one producer batch
+            # each): the client->broker hop, without a Python callback per message
+            reported = set(last_of_partition.values())
+            report = delivered(stamp_us)
+            for position, (key, value, partition) in enumerate(group):
                 while True:
                     try:
-                        producer.produce(topic, value, key, partition=partition_of(key, partitions),
-                                         on_delivery=report)
+                        producer.produce(topic, value, key, partition=partition,
+                                         on_delivery=report if position in reported else None)
                         break
                     except BufferError:  # the local queue is full: let deliveries drain it
                         producer.poll(0.01)

@@ -188,7 +188,7 @@ def markdown(results: Results) -> str:
         "",
         "## Latency at fixed rates, by hop (c, one request per message; p50 / p99 ms of each hop)",
         "",
-        "client->broker: the request's send stamp to the broker's append time (per request message); "
+        "client->broker: the request's send stamp to the broker's append time (per producer batch); "
         "client->worker: to the worker's received_ms (client->broker + broker->worker); in worker: received_ms "
         "to sent_ms; worker->broker: to the prediction's append time; broker->client: to the subscriber's "
         "arrival. Closed loop (one request at a time, `predict`): "
