@@ -101,7 +101,7 @@ def open_loop(settings: Settings, topic: str, phase: str, rate: float, seconds: 
             stamp_us = _now_us()
             sent_us[sent * batch_size:due * batch_size] = stamp_us
             last_of_partition: dict[int, int] = {}
-            group = []
+            group: list[tuple[bytes, bytes, int]] = []
             for index in range(sent, due):
                 key, value = workload.message(phase, index * batch_size, batch_size, cold_base, stamp_us // 1000)
                 partition = partition_of(key, partitions)
