@@ -504,11 +504,14 @@ def create_monitor_app(settings: Settings, model: str, on_alert: Iterable[AlertH
     ValueError naming it)."""
     parse_rules(settings.monitoring.alert_rules)  # refuse a bad rule before connecting anything
     partitions = asyncio.run(_prepare_topics(settings, model))
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.topic_prefix}-monitor-{model}",
         broker=faust_broker(settings.kafka),
         broker_credentials=faust_credentials(settings.kafka),
         store="memory://",
+        # the data folder, not "<app id>-data" in the current directory (as the worker's)
+        datadir=str(settings.data_dir / "faust" / "{conf.name}"),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=partitions,
