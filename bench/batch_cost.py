@@ -12,7 +12,8 @@ whose entries live ``redis.near_cache_ttl_s``), then measures its CPU (user + sy
   ``streamscore_batch_messages`` count says how many batches it made). CPU per batch is the load phase's CPU
   minus what idling would have cost over the same time, divided by the batches.
 
-With ``--profile`` (py-spy must be installed), py-spy samples the worker through the load phase; the report
+With ``--profile`` (py-spy must be installed), a second load phase like the first runs under py-spy (blocking
+sampling at 100 Hz: exact stacks; the CPU figures are the first, unsampled phase's), and the report
 lists the functions with the largest share of the samples (inclusive: a function and what it calls) and
 charges each sample to one part of the per-batch path (``PARTS``, innermost match wins), so a cut can be aimed
 and checked. Writes ``<--name>.{json,md,png}`` (``batch_cost`` by default) into ``--out``; the settings of the
@@ -81,6 +82,16 @@ LOOP_RUNNERS = ("execute_from_commandline", "run_until_complete", "run_forever")
 Redis call is the cache's, one made for a produce request is publishing's)."""
 
 
+IDLE_LEAVES = ("Condition.wait", "concurrent/futures/thread.py", "ServiceThread._start_thread",
+               "LibevLoop._run_loop", "Event.wait", "Queue.get")
+"""Innermost frames of a thread that waits (a worker's helper threads: the prediction log's writer, the
+executor, the watchdog, Cassandra's I/O loop): py-spy samples them, but they use no CPU."""
+
+
+def busy(frames: list[str]) -> bool:
+    return not (frames and any(leaf in frames[-1] for leaf in IDLE_LEAVES))
+
+
 def classify(frames: list[str]) -> str:
     if frames and any(runner in frames[-1] for runner in LOOP_RUNNERS):
         return "event loop"
@@ -134,8 +145,10 @@ def _top_functions(raw: Path, limit: int) -> tuple[int, list[tuple[str, float]],
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         count = int(count_text)
+        frames = [frame for frame in stack.split(";") if ".py" in frame or ".pyx" in frame]
+        if not busy(frames):
+            continue
         total += count
-        frames = stack.split(";")
         parts[classify(frames)] += count
         for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
             inclusive[function] += count
@@ -186,13 +199,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _warm(settings, args, counts, count, 2)
         print(f"light load: {args.rate:.0f} requests/s for {args.seconds:.0f} s", flush=True)
         requests = list(demo_requests(count, seed=6, id_prefix="load"))
-        spy = None
-        if args.profile:
-            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                                    "--pid", str(worker.pid), "--duration", str(int(args.seconds) + 60), "--rate",
-                                    "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
         batches_before, answered_before = counts.batches(), counts.answered()
         load_cpu, load_started = process_cpu_s(worker.pid), time.monotonic()
         behind = asyncio.run(_send(settings, requests, args.rate))
@@ -201,7 +207,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_s = time.monotonic() - load_started
         load_cpu_s = process_cpu_s(worker.pid) - load_cpu  # type: ignore[operator]
         batches = counts.batches() - batches_before
-        if spy is not None:
+        if args.profile:  # a second load phase, sampled: the figures above are the unsampled phase's
+            _warm(settings, args, counts, count, 3)  # the near cache's entries outlived by the first phase
+            print(f"profiled load: {args.rate:.0f} requests/s for {args.seconds:.0f} s under py-spy", flush=True)
+            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                                    "--pid", str(worker.pid), "--duration", str(int(args.seconds) + 60), "--rate",
+                                    "100", "--format", "raw", "--output", str(raw)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            profiled_before = counts.answered()
+            asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix="profiled")), args.rate))
+            while counts.answered() < profiled_before + count and time.monotonic() - load_started < 600:
+                time.sleep(0.05)
             spy.send_signal(2)
             spy.wait(60)
     finally:
@@ -257,8 +274,9 @@ class _Counts:
 
 
 def _warm(settings: Settings, args: argparse.Namespace, counts: _Counts, count: int, round_: int) -> None:
+    before = counts.answered()
     asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix=f"warm{round_}")), args.warm_rate))
-    while counts.answered() < count * round_:
+    while counts.answered() < before + count:
         time.sleep(0.2)
 
 

@@ -607,14 +607,15 @@ class BatchDelivery(mode.Service):
             await self._flight_added.wait()
             return
         flight = self.flights[0]
+        # asyncio.wait, not await: cancelling this loop (a stop) must not cancel the flight's future
         if self._unsent_offsets and not flight.acked.done():  # earlier offsets wait: not past their interval
             due = 0.0 if self._flushing else self._commit_due() - time.monotonic()
-            try:
-                await asyncio.wait_for(asyncio.shield(flight.acked), max(0.0, due))
-            except TimeoutError:
+            done, _ = await asyncio.wait((flight.acked,), timeout=max(0.0, due))
+            if not done:
                 await self._commit({})
                 return
-        await asyncio.shield(flight.acked)
+        if not flight.acked.done():
+            await asyncio.wait((flight.acked,))
         offsets = dict(flight.next_offsets)
         committed = flight.in_transaction
         self.flights.popleft()

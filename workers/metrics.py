@@ -79,18 +79,18 @@ class WorkerMetrics:
         self.version_predictions = Counter(
             "streamscore_version_predictions", "Predictions published, by model, version and status (ok, expired, "
             "error)", ["model", "version", "status"], registry=self.registry)
-        self.version_inference = Histogram(
+        self.version_inference = BatchHistograms(
             "streamscore_version_inference_seconds", "Time of one version's runtime call per batch, by model and "
-            "version", ["model", "version"], buckets=STAGE_BUCKETS, registry=self.registry)
-        self.version_batch = Histogram(
+            "version", ["model", "version"], STAGE_BUCKETS, self.registry)
+        self.version_batch = BatchHistograms(
             "streamscore_version_batch_seconds", "Pipeline time of the batches a version answered rows of (every "
-            "stage, from decode to encode), by model and version", ["model", "version"], buckets=STAGE_BUCKETS,
-            registry=self.registry)
+            "stage, from decode to encode), by model and version", ["model", "version"], STAGE_BUCKETS,
+            self.registry)
         self.version_failures = Counter(
             "streamscore_version_inference_failures", "Runtime calls that raised (their rows answered with status "
             "error), by model and version", ["model", "version"], registry=self.registry)
-        self.batch_size = Histogram("streamscore_batch_messages", "Messages per batch", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.batch_size = BatchHistograms("streamscore_batch_messages", "Messages per batch", ["model"],
+                                          BATCH_BUCKETS, self.registry)
         self.stage_seconds = BatchHistograms("streamscore_stage_seconds", "Time per batch and pipeline stage",
                                              ["model", "stage"], STAGE_BUCKETS, self.registry)
         self.model_version = Gauge("streamscore_model_info", "Model version served (value 1)",
@@ -146,7 +146,7 @@ class WorkerMetrics:
 
     def observe_batch(self, model: str, messages: int, outcome: Any) -> None:
         child = self._child
-        child(self.batch_size, model).observe(messages)
+        self.batch_size.observe((model,), messages)
         ok = outcome.answered - outcome.expired - outcome.errored
         for status, count in (("ok", ok), ("expired", outcome.expired), ("error", outcome.errored)):
             if count:
@@ -157,9 +157,9 @@ class WorkerMetrics:
         for version, statuses in getattr(outcome, "status_by_version", {}).items():
             for status, count in statuses.items():
                 child(self.version_predictions, model, version, status).inc(count)
-            child(self.version_batch, model, version).observe(batch_seconds)
+            self.version_batch.observe((model, version), batch_seconds)
         for version, seconds in getattr(outcome, "runtime_s_by_version", {}).items():
-            child(self.version_inference, model, version).observe(seconds)
+            self.version_inference.observe((model, version), seconds)
         for version, count in getattr(outcome, "inference_failures_by_version", {}).items():
             child(self.version_failures, model, version).inc(count)
         for letter in outcome.dead_letters:
