@@ -13,7 +13,8 @@ whose entries live ``redis.near_cache_ttl_s``), then measures its CPU (user + sy
   minus what idling would have cost over the same time, divided by the batches.
 
 With ``--profile`` (py-spy must be installed), a second load phase like the first runs under py-spy (blocking
-sampling at 100 Hz: exact stacks; the CPU figures are the first, unsampled phase's), and the report
+sampling at 100 Hz with native frames: exact stacks, and idle told from busy by where a thread waits; the CPU
+figures are the first, unsampled phase's), and the report
 lists the functions with the largest share of the samples (inclusive: a function and what it calls) and
 charges each sample to one part of the per-batch path (``PARTS``, innermost match wins), so a cut can be aimed
 and checked. Writes ``<--name>.{json,md,png}`` (``batch_cost`` by default) into ``--out``; the settings of the
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,6 +163,36 @@ def _top_functions(raw: Path, limit: int) -> tuple[int, list[tuple[str, float]],
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``--rounds`` rounds, each measuring the worker and the passthrough (a fresh process each, in alternating
+    order), the worker's last round profiled when asked; medians of each, and their ratio per round."""
+    rounds: list[dict[str, dict[str, Any]]] = []
+    kinds = ["worker", "passthrough"] if args.passthrough else ["worker"]
+    for number in range(args.rounds):
+        measured: dict[str, dict[str, Any]] = {}
+        for kind in kinds if number % 2 == 0 else kinds[::-1]:
+            print(f"== round {number + 1} of {args.rounds}: {kind}", flush=True)
+            measured[kind] = measure(args, kind == "passthrough",
+                                     profile=args.profile and kind == "worker" and number == args.rounds - 1)
+        rounds.append(measured)
+    result: dict[str, Any] = {
+        "rounds": rounds, "rate": args.rate, "seconds": args.seconds, "idle_s": args.idle_s,
+        "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "label": args.label,
+    }
+    for kind in kinds:
+        result[kind] = {key: statistics.median(measured[kind][key] for measured in rounds)
+                        for key in ("idle_share_of_a_core", "cpu_ms_per_batch", "cpu_ms_per_batch_with_idle")}
+    if args.passthrough:
+        ratios = [measured["worker"]["cpu_ms_per_batch"] / measured["passthrough"]["cpu_ms_per_batch"]
+                  for measured in rounds]
+        result["worker_over_passthrough"] = {"per_round": ratios, "median": statistics.median(ratios)}
+    profiled = rounds[-1]["worker"].get("profile")
+    if profiled:
+        result["profile"] = profiled
+    return result
+
+
+def measure(args: argparse.Namespace, passthrough: bool, profile: bool) -> dict[str, Any]:
     prefix = f"batchcost-{uuid.uuid4().hex[:6]}"
     env = {"STREAMSCORE_TOPIC_PREFIX": prefix, "STREAMSCORE_WORKER__WEB_PORT": str(args.port),
            "STREAMSCORE_MODELS_DIR": str(args.library)}
@@ -173,13 +205,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = open(scratch / "worker.log", "wb")  # noqa: SIM115 - open for the worker's lifetime
     stats = scratch / "passthrough.json"
     command = [sys.executable, "-m", "streamscore", "worker", "--model", MODEL]
-    if args.passthrough:  # the Kafka client alone, committing and producing as the worker does
+    if passthrough:  # the Kafka client alone, committing and producing as the worker does
         command = [sys.executable, "-m", "streamscore_bench.baselines", "raw-passthrough", "--model", MODEL,
                    "--commit-interval-ms", str(settings.worker.commit_interval_ms), "--linger-ms", "0",
                    "--stats-file", str(stats), *(["--uvloop"] if settings.worker.event_loop == "uvloop" else [])]
-    worker = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    counts = _Counts(args.port, stats if args.passthrough else None)
+    counts = _Counts(args.port, stats if passthrough else None)
     raw = scratch / "profile.txt"
+    worker = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not counts.ready():
@@ -207,12 +239,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_s = time.monotonic() - load_started
         load_cpu_s = process_cpu_s(worker.pid) - load_cpu  # type: ignore[operator]
         batches = counts.batches() - batches_before
-        if args.profile:  # a second load phase, sampled: the figures above are the unsampled phase's
+        if profile:  # a second load phase, sampled: the figures above are the unsampled phase's
             _warm(settings, args, counts, count, 3)  # the near cache's entries outlived by the first phase
             print(f"profiled load: {args.rate:.0f} requests/s for {args.seconds:.0f} s under py-spy", flush=True)
             spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
                                     "--pid", str(worker.pid), "--duration", str(int(args.seconds) + 60), "--rate",
-                                    "100", "--format", "raw", "--output", str(raw)],
+                                    "100", "--native", "--format", "raw", "--output", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
             profiled_before = counts.answered()
@@ -226,15 +258,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worker.wait(60)
         log.close()
     result: dict[str, Any] = {
-        "idle_s": args.idle_s, "idle_share_of_a_core": idle_share, "rate": args.rate, "seconds": args.seconds,
-        "requests": len(requests), "batches": batches, "load_phase_s": load_s, "load_cpu_s": load_cpu_s,
-        "cpu_ms_per_batch": 1000 * (load_cpu_s - idle_share * load_s) / max(1, batches),
+        "idle_share_of_a_core": idle_share, "requests": len(requests), "batches": batches, "load_phase_s": load_s,
+        "load_cpu_s": load_cpu_s, "cpu_ms_per_batch": 1000 * (load_cpu_s - idle_share * load_s) / max(1, batches),
         "cpu_ms_per_batch_with_idle": 1000 * load_cpu_s / max(1, batches),
-        "sender_most_behind_ms": round(1000 * behind, 1),
-        "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "label": args.label,
+        "sender_most_behind_ms": round(1000 * behind, 1), "load_avg": os.getloadavg()[0],
     }
-    if args.profile and raw.is_file():
+    if profile and raw.is_file():
         samples, top, parts = _top_functions(raw, 25)
         result["profile"] = {"samples": samples, "top_inclusive": top, "parts": parts}
     return result
@@ -276,36 +305,60 @@ class _Counts:
 def _warm(settings: Settings, args: argparse.Namespace, counts: _Counts, count: int, round_: int) -> None:
     before = counts.answered()
     asyncio.run(_send(settings, list(demo_requests(count, seed=6, id_prefix=f"warm{round_}")), args.warm_rate))
+    deadline = time.monotonic() + 120
     while counts.answered() < before + count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"warming: {counts.answered() - before} of {count} requests answered in 120 s")
         time.sleep(0.2)
 
 
 def _write(result: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    worker, rounds = result["worker"], result["rounds"]
     lines = [
         f"# A worker's CPU at idle and per one-request batch ({result['label']})\n",
-        f"{result['date']}, {result['machine']['cores']} cores, load {result['machine']['load_avg'][0]:.1f}.\n",
-        "| measure | value | target |\n|---|---:|---:|",
-        f"| idle, share of one core ({result['idle_s']:.0f} s) | {100 * result['idle_share_of_a_core']:.2f}% | 2% |",
-        f"| CPU per one-request batch at {result['rate']:.0f}/s, beyond idle | "
-        f"{result['cpu_ms_per_batch']:.2f} ms | 1 ms |",
-        f"| the same, idle included | {result['cpu_ms_per_batch_with_idle']:.2f} ms | |",
-        f"| batches ({result['requests']:,} requests in {result['load_phase_s']:.1f} s) | {result['batches']:,} | |",
-        f"| sender most behind its schedule | {result['sender_most_behind_ms']} ms | |",
+        f"{result['date']}, {result['machine']['cores']} cores; {len(rounds)} rounds, each a fresh worker and a "
+        f"fresh raw aiokafka passthrough (consume, produce, commit every "
+        f"{Settings().worker.commit_interval_ms} ms, the same event loop: the Kafka client alone) in alternating "
+        f"order; {result['rate']:.0f} one-request messages/s for {result['seconds']:.0f} s; medians.\n",
+        "| measure | worker | passthrough | target |\n|---|---:|---:|---:|",
     ]
+    passthrough = result.get("passthrough", {})
+
+    def cell(values: dict[str, Any], key: str, scale: float, unit: str) -> str:
+        return f"{scale * values[key]:.2f}{unit}" if key in values else ""
+
+    lines += [
+        f"| idle, share of one core ({result['idle_s']:.0f} s) | {cell(worker, 'idle_share_of_a_core', 100, '%')} | "
+        f"{cell(passthrough, 'idle_share_of_a_core', 100, '%')} | 2% |",
+        f"| CPU per one-request batch, beyond idle | {cell(worker, 'cpu_ms_per_batch', 1, ' ms')} | "
+        f"{cell(passthrough, 'cpu_ms_per_batch', 1, ' ms')} | 1 ms |",
+        f"| the same, idle included | {cell(worker, 'cpu_ms_per_batch_with_idle', 1, ' ms')} | "
+        f"{cell(passthrough, 'cpu_ms_per_batch_with_idle', 1, ' ms')} | |",
+    ]
+    ratio = result.get("worker_over_passthrough")
+    if ratio:
+        lines.append(f"| worker / passthrough, per batch (median of the rounds' ratios) | {ratio['median']:.2f} | | |")
+    lines += ["", "| round | kind | CPU ms per batch (beyond idle) | idle | batches | sender most behind | load |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for number, measured in enumerate(rounds, 1):
+        for kind, values in measured.items():
+            lines.append(f"| {number} | {kind} | {values['cpu_ms_per_batch']:.2f} | "
+                         f"{100 * values['idle_share_of_a_core']:.2f}% | {values['batches']:,} | "
+                         f"{values['sender_most_behind_ms']} ms | {values['load_avg']:.1f} |")
     profile = result.get("profile")
     if profile:
-        lines += ["", f"## Where the load phase's CPU went (py-spy, {profile['samples']:,} samples)\n",
+        per_batch = rounds[-1]["worker"]["cpu_ms_per_batch_with_idle"]
+        lines += ["", f"## Where the worker's CPU went (its last round, a second load phase under py-spy, "
+                      f"{profile['samples']:,} busy samples)\n",
                   "| part of the per-batch path | share of samples | ms per batch |", "|---|---:|---:|"]
-        per_batch = result["cpu_ms_per_batch_with_idle"]
         lines += [f"| {part} | {100 * share:.1f}% | {share * per_batch:.2f} |"
                   for part, share in profile["parts"].items()]
         lines += ["", "| function (inclusive) | share of samples |", "|---|---:|"]
         lines += [f"| `{function[:110]}` | {100 * share:.1f}% |" for function, share in profile["top_inclusive"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    if profile:
-        _plot(out / f"{name}.png", result)
+    _plot(out / f"{name}.png", result)
 
 
 def _plot(path: Path, result: dict[str, Any]) -> None:
@@ -314,14 +367,28 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = result["profile"]["parts"]
-    names = list(parts)[::-1]
-    per_batch = result["cpu_ms_per_batch_with_idle"]
-    figure, axis = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
-    axis.barh(names, [parts[name] * per_batch for name in names])
-    axis.set_xlabel("CPU ms per one-request batch")
-    axis.set_title(f"Worker CPU per batch at {result['rate']:.0f}/s: {per_batch:.2f} ms "
-                   f"(beyond idle {result['cpu_ms_per_batch']:.2f})")
+    profile = result.get("profile")
+    figure, axes = plt.subplots(1, 2 if profile else 1, figsize=(13 if profile else 6, 5), squeeze=False)
+    axis = axes[0][0]
+    kinds = [kind for kind in ("worker", "passthrough") if kind in result]
+    for offset, kind in enumerate(kinds):
+        values = [measured[kind]["cpu_ms_per_batch"] for measured in result["rounds"] if kind in measured]
+        axis.scatter([offset] * len(values), values, alpha=0.6)
+        axis.hlines(result[kind]["cpu_ms_per_batch"], offset - 0.25, offset + 0.25)
+    axis.axhline(1.0, linestyle=":", color="grey", label="target 1 ms")
+    axis.set_xticks(range(len(kinds)), kinds)
+    axis.set_ylim(bottom=0)
+    axis.set_ylabel("CPU ms per one-request batch (beyond idle)")
+    axis.set_title(f"{result['rate']:.0f} one-request batches/s: rounds and medians")
+    axis.legend()
+    if profile:
+        parts = profile["parts"]
+        names = list(parts)[::-1]
+        per_batch = result["rounds"][-1]["worker"]["cpu_ms_per_batch_with_idle"]
+        axis = axes[0][1]
+        axis.barh(names, [parts[name] * per_batch for name in names])
+        axis.set_xlabel("CPU ms per one-request batch")
+        axis.set_title(f"Worker, by part of the per-batch path ({per_batch:.2f} ms, last round)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -330,13 +397,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--idle-s", type=float, default=30.0)
+    parser.add_argument("--idle-s", type=float, default=15.0)
     parser.add_argument("--warm-rate", type=float, default=2_000.0)
     parser.add_argument("--profile", action="store_true", help="Sample the load phase with py-spy.")
-    parser.add_argument("--passthrough", action="store_true",
-                        help="Measure the raw aiokafka passthrough (streamscore_bench.baselines) instead of the "
-                             "worker: what the Kafka client alone costs per one-request batch (consume, produce, "
-                             "commit at the worker's interval, same event loop).")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                        help="Skip the raw aiokafka passthrough (streamscore_bench.baselines) measured beside the "
+                             "worker in each round: what the Kafka client alone costs per one-request batch "
+                             "(consume, produce, commit at the worker's interval, same event loop).")
     parser.add_argument("--label", default="main")
     parser.add_argument("--library", type=Path, default=Path("demo-data/models"))
     parser.add_argument("--port", type=int, default=16193, help="The worker's web port.")
