@@ -331,8 +331,8 @@ class WorkerSettings(_Strict):
     max_batches_in_flight: int = 4
     """Batches fetched but not yet acknowledged and committed; bounds memory and repeats after a crash."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
-    """The worker's event loop: ``uvloop`` (libuv's, in C: about a third less CPU per small batch than asyncio's
-    own in one run, bench/results/batch_cost.md) or ``asyncio`` (the standard library's)."""
+    """The worker's event loop: ``uvloop`` (libuv's, in C: less CPU per small batch than asyncio's own;
+    ``python -m streamscore_bench.batch_cost`` measures either) or ``asyncio`` (the standard library's)."""
     commit_interval_ms: int = Field(default=100, ge=0)
     """at_least_once: the offsets of acknowledged batches are committed at most this often (one commit request
     covers every batch acknowledged meanwhile); 0 commits after each batch. A batch's offsets are never
