@@ -30,11 +30,11 @@ What a stage may do with the batch:
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -449,7 +449,7 @@ def value_counts(values: np.ndarray) -> dict[Any, int]:
     """How often each distinct value occurs (plain Python keys). A few values are counted one by one: numpy's
     sort-based count costs more than the whole count below a few dozen values."""
     if len(values) <= 64:
-        return dict(Counter(values.tolist()))
+        return dict(collections.Counter(values.tolist()))
     distinct, counts = np.unique(values, return_counts=True)
     return dict(zip(distinct.tolist(), counts.tolist(), strict=True))
 
