@@ -78,10 +78,10 @@ that matches one (a Redis call made by the feature cache is the cache's), the ge
 
 
 GENERIC = ("kafka client other", "faust/mode", "event loop")
-LOOP_RUNNERS = ("execute_from_commandline", "run_until_complete", "run_forever")
-"""A sample whose innermost Python frame is one of these is in the event loop's own C code (uvloop's)."""
 """Parts a sample is charged to only when no other part's frame is on its stack (a socket write made for a
 Redis call is the cache's, one made for a produce request is publishing's)."""
+LOOP_RUNNERS = ("execute_from_commandline", "run_until_complete", "run_forever")
+"""A sample whose innermost Python frame is one of these is in the event loop's own C code (uvloop's)."""
 
 
 IDLE_LEAVES = ("Condition.wait", "concurrent/futures/thread.py", "ServiceThread._start_thread",

@@ -88,21 +88,16 @@ def pipeline_cost(library: Path, views_file: Path, batches: int, window_requests
     import msgpack
     from prometheus_client import CollectorRegistry
 
-    from streamscore.featurestore.store import FeatureStore
-    from streamscore.featurestore.views import load_views
     from streamscore.settings import MonitoringSettings, WorkerSettings
     from streamscore.streams.records import Inbound
     from streamscore.workers.drift import Drift
     from streamscore.workers.pipeline import BatchPipeline
     from streamscore.workers.runtime import load_model
-    from streamscore_examples.fraud.data import generate_feature_rows
-    from streamscore_examples.fraud.requests import FEATURE_SEED
 
-    views = load_views(views_file)
-    store = FeatureStore(Settings(online_store="memory", cache="none"), views)
-    store.connect()
-    for view, rows in generate_feature_rows(FEATURE_SEED).items():
-        asyncio.run(store.put(view, [(entity, values, None) for entity, values in rows.items()]))
+    from .pipeline_gap import demo_memory_store
+
+    store = demo_memory_store(views_file)
+    views = store.views
     runtime = load_model(library, MODEL, views, WorkerSettings(), "1")
     plain, watched = (BatchPipeline(runtime, store, "bench", worker_id="bench") for _ in range(2))
     for pipeline in (plain, watched):

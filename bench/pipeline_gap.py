@@ -26,25 +26,33 @@ import msgpack
 MODEL = "fraud"
 
 
+def demo_memory_store(views_file: Path) -> Any:
+    """An in-memory feature store (no cache tier) holding the demo's feature rows."""
+    from streamscore.featurestore.store import FeatureStore
+    from streamscore.featurestore.views import load_views
+    from streamscore.settings import Settings
+    from streamscore_examples.fraud.data import generate_feature_rows
+    from streamscore_examples.fraud.requests import FEATURE_SEED
+
+    store = FeatureStore(Settings(online_store="memory", cache="none"), load_views(views_file))
+    store.connect()
+    for view, rows in generate_feature_rows(FEATURE_SEED).items():
+        asyncio.run(store.put(view, [(entity, values, None) for entity, values in rows.items()]))
+    return store
+
+
 def build(library: Path) -> Any:
     from prometheus_client import CollectorRegistry
 
-    from streamscore.featurestore.store import FeatureStore
-    from streamscore.featurestore.views import load_views
     from streamscore.settings import Settings, WorkerSettings
     from streamscore.workers.drift import Drift
     from streamscore.workers.pipeline import BatchPipeline
     from streamscore.workers.predlog import attach
     from streamscore.workers.runtime import load_model
-    from streamscore_examples.fraud.data import generate_feature_rows
-    from streamscore_examples.fraud.requests import FEATURE_SEED
 
     settings = Settings(online_store="memory", cache="none")
-    views = load_views(settings.views_file)
-    store = FeatureStore(settings, views)
-    store.connect()
-    for view, rows in generate_feature_rows(FEATURE_SEED).items():
-        asyncio.run(store.put(view, [(entity, values, None) for entity, values in rows.items()]))
+    store = demo_memory_store(settings.views_file)
+    views = store.views
     registry = CollectorRegistry()
     pipeline = BatchPipeline(load_model(library, MODEL, views, WorkerSettings(), None), store, "bench",
                              worker_id="bench", registry=registry)
